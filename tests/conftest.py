@@ -1,0 +1,38 @@
+"""Shared fixtures: a micro GLM-4 model built once per test session, offline."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data" / "medicalgpt"
+sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A micro random GLM-4 (2 layers, 64 wide) with the glm4 chat template, built once per session."""
+    from medllm.tiny import build
+
+    return build(str(tmp_path_factory.mktemp("models") / "micro-glm4"), arch="glm", size="micro", seed=0)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data/medicalgpt, or skip when a fresh clone has no shared folder beside it."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data/medicalgpt is absent")
+    return SHARED_DATA
+
+
+def run_script(*args: str, env: dict | None = None, timeout: int = 600):
+    """Run a repo script with this interpreter; returns the CompletedProcess (text mode)."""
+    import subprocess
+
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
