@@ -1,12 +1,15 @@
 # The two commands of the README: `make demo` (set up + the whole chain on the tiny default)
-# and `make test` (set up + the test suite). Both create .venv on first use; a second run installs nothing.
+# and `make test` (set up + the test suite). Both create their environments on first use; a second
+# run installs nothing. OpenCompass lives in .venv-eval (its numpy<2/datasets<4 pins clash with trl).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
+EVAL_VENV := .venv-eval
+EVAL_STAMP := $(EVAL_VENV)/.installed
 
-.PHONY: setup demo test tiny eval bench clean
+.PHONY: setup eval-setup demo test tiny eval bench clean
 
 setup: $(STAMP)
 
@@ -17,16 +20,30 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
+# OpenCompass in its own environment (requirements-eval.txt); run_eval.sh is the one place that installs it.
+eval-setup: $(EVAL_STAMP)
+
+$(EVAL_STAMP): requirements-eval.txt
+	EVAL_SETUP_ONLY=1 ./run_eval.sh
+
 models/tiny-glm4/config.json: | $(STAMP)
 	$(PY) -m medllm.tiny --output_dir models/tiny-glm4
 
 tiny: models/tiny-glm4/config.json
 
-demo: $(STAMP) tiny
-	$(PY) inference.py --base_model models/tiny-glm4 --max_new_tokens 32
+# The whole chain on the tiny default; FRESH=1 starts over, PIPELINE_CONFIG=... for another recipe.
+demo: $(STAMP) $(EVAL_STAMP)
+	./run_pipeline.sh
 
-test: $(STAMP)
+# CMB with OpenCompass: MODEL_PATH or MODEL_PATHS, CMB_DATA_DIR, WORK_DIR from the environment (see run_eval.sh).
+eval: $(STAMP) $(EVAL_STAMP)
+	./run_eval.sh
+
+test: $(STAMP) $(EVAL_STAMP)
 	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench.py
 
 clean:
 	rm -rf outputs cache models

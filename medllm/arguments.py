@@ -8,6 +8,7 @@ that name the flag (prefix abbreviations are refused too).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -24,6 +25,8 @@ ALIASES = {
     "--neft_alpha": "--neftune_noise_alpha",
     "--max_seq_length": "--model_max_length",
     "--lora_r": "--lora_rank",
+    # transformers 5 folded warmup_ratio into warmup_steps: a float below 1 is a share of the total steps.
+    "--warmup_ratio": "--warmup_steps",
 }
 
 MODEL_TYPE_FAMILIES = {
@@ -229,11 +232,18 @@ def parse_args(argv: Optional[list[str]], *dataclass_types: type) -> tuple[Any, 
 
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = _set_aside_half_precision(_apply_aliases(argv))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "--use_cpu" not in argv and not cuda_available():
+        # accelerate starts DDP (gloo) on CPUs only with use_cpu; without it each rank trains alone on all data.
+        if any(hasattr(cls, "__dataclass_fields__") and "use_cpu" in cls.__dataclass_fields__ for cls in dataclass_types):
+            argv += ["--use_cpu", "True"]
     user_set_report_to = any(a.split("=")[0] == "--report_to" for a in argv)
     parser = HfArgumentParser(dataclass_types, allow_abbrev=False, conflict_handler="resolve")
-    *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    namespace, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    values = vars(namespace)
+    parsed = [cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.init and f.name in values})
+              for cls in dataclass_types]
     for args in parsed:
         if hasattr(args, "report_to") and not user_set_report_to:
             args.report_to = ["tensorboard"]

@@ -6,6 +6,7 @@ import glob
 import logging
 import math
 import os
+import pickle
 from typing import Any, Optional
 
 from medllm.arguments import ModelArguments, check_model_type
@@ -27,6 +28,62 @@ def check_model_folder(path: Optional[str], what: str = "model") -> str:
     if not any(glob.glob(os.path.join(path, pattern)) for pattern in WEIGHT_PATTERNS):
         raise MedLLMError(f"{path}: no weights (*.safetensors or pytorch_model*.bin) in the model folder.")
     return path
+
+
+def read_config(path: str, trust_remote_code: bool):
+    """The model's config; MedLLMError (with the --trust_remote_code hint) when it cannot be read."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        hint = "" if trust_remote_code else (
+            "; if this model ships its own code, review it and pass --trust_remote_code True")
+        raise MedLLMError(f"{path}: cannot read config.json ({str(error).splitlines()[0]}){hint}") from error
+
+
+def make_portable(folder) -> None:
+    """Rewrite what transformers 5 saved so that transformers 4.x (e.g. in other tools) loads it the same.
+
+    - tokenizer_config.json: 'TokenizersBackend' -> 'PreTrainedTokenizerFast'; model_input_names without
+      token_type_ids; the special-token list under 'additional_special_tokens' (4.x takes the 5.x
+      'extra_special_tokens' list for a dict and fails).
+    - config.json: rope_parameters repeated as the top-level keys 4.x reads (rope_theta, rope_scaling);
+      4.x otherwise silently uses its default theta. 5.x reads them back as the same rope_parameters.
+    """
+    import json
+    from pathlib import Path
+
+    def rewrite(path: Path, change) -> None:
+        if path.is_file():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            change(data)
+            path.write_text(json.dumps(data, ensure_ascii=False, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    def tokenizer_config(config: dict) -> None:
+        if config.get("tokenizer_class") in (None, "TokenizersBackend"):
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config["model_input_names"] = ["input_ids", "attention_mask"]
+        if isinstance(config.get("extra_special_tokens"), list):
+            config["additional_special_tokens"] = config.pop("extra_special_tokens")
+
+    def model_config(config: dict) -> None:
+        rope = config.get("rope_parameters")
+        if not isinstance(rope, dict):
+            return
+        config.update({key: value for key, value in rope.items() if key != "rope_type"})
+        if rope.get("rope_type", "default") != "default":
+            config["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+        else:
+            config.pop("rope_scaling", None)
+
+    folder = Path(folder)
+    rewrite(folder / "tokenizer_config.json", tokenizer_config)
+    rewrite(folder / "config.json", model_config)
+    umask = os.umask(0)  # transformers writes weights 0600 via a temporary file: give them plain permissions
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def resolve_dtype(name: str) -> Any:
@@ -80,10 +137,10 @@ def load_model(model_args: ModelArguments, model_max_length: Optional[int] = Non
     from safetensors, or from ``.bin`` with ``weights_only=True`` (transformers' default).
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     path = check_model_folder(model_args.model_name_or_path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+    config = read_config(path, model_args.trust_remote_code)
     check_model_type(model_args.model_type, config.model_type)
     if model_args.rope_scaling and model_max_length:
         _apply_rope_scaling(config, model_args.rope_scaling, model_max_length)
@@ -109,7 +166,7 @@ def load_model(model_args: ModelArguments, model_max_length: Optional[int] = Non
         kwargs["device_map"] = model_args.device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, pickle.UnpicklingError) as error:
         raise MedLLMError(f"{path}: cannot load the model ({str(error).splitlines()[0]})") from error
     if for_training:
         model.config.use_cache = False

@@ -61,7 +61,7 @@ FALLBACK_TEXT = "小孩发烧怎么办？发热时多喝水，体温超过38.5�
 
 
 def corpus_texts(data_dir: Path) -> Iterator[str]:
-    """Every string in the .txt/.json/.jsonl files under ``data_dir`` (sorted, so training is deterministic)."""
+    """Every string in the training files under ``data_dir`` (sorted, so the tokenizer is deterministic)."""
 
     def strings(value):
         if isinstance(value, str):
@@ -74,7 +74,10 @@ def corpus_texts(data_dir: Path) -> Iterator[str]:
                 yield from strings(item)
 
     yield FALLBACK_TEXT
-    for path in sorted(p for p in data_dir.rglob("*") if p.suffix in (".txt", ".json", ".jsonl")):
+    held_out = {"cmb", "inference"}  # evaluation questions stay out of everything trained, the tokenizer too
+    paths = (p for p in data_dir.rglob("*") if p.suffix in (".txt", ".json", ".jsonl")
+             and not held_out & set(p.relative_to(data_dir).parts))
+    for path in sorted(paths):
         text = path.read_text(encoding="utf-8")
         if path.suffix == ".txt":
             yield from (line for line in text.splitlines() if line.strip())
@@ -133,6 +136,8 @@ def build(output_dir: str, arch: str = "glm", size: str = "tiny", seed: int = 42
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
+    from medllm.modeling import make_portable
+
     tokenizer = build_tokenizer(arch, vocab_size or SIZES[size]["vocab_size"], Path(data_dir))
     config = build_config(arch, size, tokenizer)
     torch.manual_seed(seed)
@@ -148,7 +153,7 @@ def build(output_dir: str, arch: str = "glm", size: str = "tiny", seed: int = 42
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        make_loadable_by_transformers4(staging)
+        make_portable(staging)
         if output.exists():
             shutil.rmtree(output)
         os.replace(staging, output)
@@ -157,15 +162,6 @@ def build(output_dir: str, arch: str = "glm", size: str = "tiny", seed: int = 42
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("Built %s-%s (%.2fM parameters, vocab %d) in %s", arch, size, n_params / 1e6, len(tokenizer), output)
     return str(output)
-
-
-def make_loadable_by_transformers4(folder: Path) -> None:
-    """transformers 5 writes tokenizer_class 'TokenizersBackend', which 4.x cannot load."""
-    path = folder / "tokenizer_config.json"
-    config = json.loads(path.read_text(encoding="utf-8"))
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    config["model_input_names"] = ["input_ids", "attention_mask"]
-    path.write_text(json.dumps(config, ensure_ascii=False, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -160,9 +160,9 @@ def save_final(trainer, tokenizer, output_dir: str, chat_template: Optional[str]
             if chat_template:
                 tokenizer.chat_template = chat_template
             tokenizer.save_pretrained(staging)
-            from medllm.tiny import make_loadable_by_transformers4
+            from medllm.modeling import make_portable
 
-            make_loadable_by_transformers4(staging)
+            make_portable(staging)
             for item in staging.iterdir():
                 target = output / item.name
                 if target.is_dir():

@@ -1,0 +1,281 @@
+"""Direct preference optimisation: preference pairs become token ids, and trl's DPOTrainer is assembled around them.
+
+One pair, with the glm4 template::
+
+    prompt   [gMASK]<sop>[<|system|>\\n{s}]<|user|>\\n{q}<|assistant|>   template.generation_prompt(messages)
+    chosen   \\n{good reply}<|user|>                                      template.reply_text(chosen)
+    rejected \\n{bad reply}<|user|>                                       template.reply_text(rejected)
+
+Each part is tokenized on its own, without special tokens added (the template writes them). Lengths are in tokens:
+
+1. the prompt keeps its last ``--max_source_length`` tokens (cut from the left: the question nearest the reply stays);
+2. each reply keeps its first ``--max_target_length`` tokens (cut from the right; a cut reply loses its end-of-turn
+   token, so the model is never taught to stop mid-sentence);
+3. prompt + reply is cut to ``--max_length`` from the right, as trl does, and a pair whose prompt alone fills
+   ``--max_length`` is dropped. Cut and dropped pairs are counted in the log.
+
+trl's collator then puts the chosen and rejected rows of a batch into one tensor padded to the longest row of that
+batch only. The reference model is the base with the LoRA adapter switched off (no second copy of the weights); a
+full-parameter run keeps a frozen copy, or none with ``--precompute_ref_log_probs``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from trl import DPOConfig, DPOTrainer
+
+from medllm.errors import MedLLMError
+from medllm.training import NonFiniteLossGuard, cached_map, fingerprint, tokenizer_fingerprint
+
+logger = logging.getLogger(__name__)
+
+COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "length", "truncated")
+# Learning rates used when --learning_rate is not given (trl's own default, 1e-6, barely moves a LoRA adapter).
+DEFAULT_LEARNING_RATE = {True: 5e-5, False: 5e-6}  # use_peft -> rate
+
+
+@dataclass
+class DPOArguments(DPOConfig):
+    """trl's DPOConfig (every DPO flag: --beta, --loss_type, --max_length, --precompute_ref_log_probs, ...).
+
+    Three changes: bf16 defaults on only where a CUDA GPU supports it (trl turns it on everywhere, which stops a
+    CPU run at start-up); several processes on a machine without an accelerator train on the CPU together
+    (without ``use_cpu`` each torchrun process would train alone on all the data); and ``trust_remote_code``
+    comes from ModelArguments (one flag, one place).
+    """
+
+    trust_remote_code: bool = field(default=False, init=False)
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+            self.use_cpu = True  # read when the devices are set up, inside the parent's __post_init__
+        super().__post_init__()
+
+
+def flag_given(argv: Sequence[str], flag: str) -> bool:
+    """Whether ``--flag`` (or ``--flag=value``) is on the command line."""
+    return any(arg.split("=", 1)[0] == flag for arg in argv)
+
+
+def apply_dpo_defaults(argv: Sequence[str], training_args, data_args, lora_args, model_args) -> None:
+    """Defaults that depend on other flags: the learning rate (LoRA or full) and ``--max_length`` from the
+    older ``--max_source_length`` + ``--max_target_length``. Flags given on the command line always win."""
+    training_args.trust_remote_code = model_args.trust_remote_code
+    if not flag_given(argv, "--learning_rate"):
+        training_args.learning_rate = DEFAULT_LEARNING_RATE[bool(lora_args.use_peft)]
+        logger.info("--learning_rate not given: %g for %s DPO.", training_args.learning_rate,
+                    "LoRA" if lora_args.use_peft else "full-parameter")
+    if training_args.truncation_mode != "keep_start":
+        raise MedLLMError(f"--truncation_mode {training_args.truncation_mode}: only keep_start is supported; the "
+                          "prompt is cut from the left by --max_source_length instead.")
+    for name in ("max_source_length", "max_target_length"):
+        value = getattr(data_args, name)
+        if value is not None and value < 1:
+            raise MedLLMError(f"--{name} {value}: must be at least 1 token.")
+    if training_args.max_length is not None and training_args.max_length < 2:
+        raise MedLLMError(f"--max_length {training_args.max_length}: must be at least 2 tokens.")
+    if (not flag_given(argv, "--max_length") and data_args.max_source_length and data_args.max_target_length):
+        training_args.max_length = data_args.max_source_length + data_args.max_target_length
+        logger.info("--max_length not given: %d = --max_source_length %d + --max_target_length %d.",
+                    training_args.max_length, data_args.max_source_length, data_args.max_target_length)
+
+
+# --------------------------------------------------------------------------- tokenization
+
+def fit_pair(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int],
+             max_source_length: Optional[int], max_target_length: Optional[int],
+             max_length: Optional[int]) -> Optional[dict]:
+    """Cut one tokenized pair to the limits (see the module docstring); None when the prompt fills ``max_length``.
+
+    Returns ``{prompt_ids, chosen_ids, rejected_ids, length, truncated}``; ``length`` is the longer of the two rows
+    (prompt + reply), ``truncated`` whether anything was cut.
+    """
+    original = (len(prompt_ids), len(chosen_ids), len(rejected_ids))
+    if max_source_length is not None:
+        prompt_ids = prompt_ids[-max_source_length:]
+    if max_target_length is not None:
+        chosen_ids, rejected_ids = chosen_ids[:max_target_length], rejected_ids[:max_target_length]
+    if max_length is not None:
+        if len(prompt_ids) >= max_length:
+            return None
+        room = max_length - len(prompt_ids)
+        chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
+    return {
+        "prompt_ids": prompt_ids,
+        "chosen_ids": chosen_ids,
+        "rejected_ids": rejected_ids,
+        "length": len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)),
+        "truncated": (len(prompt_ids), len(chosen_ids), len(rejected_ids)) != original,
+    }
+
+
+def tokenize_pairs(batch: dict, tokenizer, template, max_source_length: Optional[int] = None,
+                   max_target_length: Optional[int] = None, max_length: Optional[int] = None) -> dict:
+    """A batch of ``{prompt: [messages], chosen: str, rejected: str}`` -> the columns of :data:`COLUMNS`.
+
+    Pairs whose prompt alone fills ``max_length`` are left out (the output may be shorter than the input).
+    """
+
+    def ids(texts: list[str]) -> list[list[int]]:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    prompts = ids([template.generation_prompt(messages) for messages in batch["prompt"]])
+    chosen = ids([template.reply_text(text) for text in batch["chosen"]])
+    rejected = ids([template.reply_text(text) for text in batch["rejected"]])
+    out: dict[str, list] = {name: [] for name in COLUMNS}
+    for pair in zip(prompts, chosen, rejected):
+        fitted = fit_pair(*pair, max_source_length, max_target_length, max_length)
+        if fitted is not None:
+            for name in COLUMNS:
+                out[name].append(fitted[name])
+    return out
+
+
+def tokenize_preference_pairs(splits, tokenizer, template, data_args, training_args, cache_dir: str):
+    """Tokenize every split of ``load_preference_pairs`` (cached on disk); logs how many pairs were cut or dropped."""
+    from datasets import DatasetDict
+
+    limits = dict(max_source_length=data_args.max_source_length, max_target_length=data_args.max_target_length,
+                  max_length=training_args.max_length)
+    function = functools.partial(tokenize_pairs, tokenizer=tokenizer, template=template, **limits)
+    key = ["dpo-v1", tokenizer_fingerprint(tokenizer), template_fingerprint(template), limits]
+    out = DatasetDict()
+    for name, split in splits.items():
+        tokenized = cached_map(split, function, cache_dir, key, training_args, desc=f"tokenize dpo {name}",
+                               num_proc=data_args.preprocessing_num_workers, overwrite=data_args.overwrite_cache)
+        dropped, cut = len(split) - len(tokenized), sum(tokenized["truncated"])
+        if dropped or cut:
+            logger.warning("%s: %d of %d pairs cut to fit (prompt from the left to %s, replies from the right to %s, "
+                           "in all %s tokens); %d dropped because the prompt alone fills --max_length.", name, cut,
+                           len(split), limits["max_source_length"], limits["max_target_length"],
+                           limits["max_length"], dropped)
+        if len(tokenized) == 0:
+            raise MedLLMError(f"{name}: every pair was dropped because its prompt fills --max_length "
+                              f"{limits['max_length']}; raise --max_length or set --max_source_length lower.")
+        logger.info("%s: %d pairs, %d tokens in the longest row.", name, len(tokenized), max(tokenized["length"]))
+        out[name] = tokenized
+    return out
+
+
+def template_fingerprint(template) -> str:
+    """What about a template changes token ids: its name, jinja and reply markup."""
+    return fingerprint(template.name, template.to_jinja(), template.reply_text("{reply}"))
+
+
+# --------------------------------------------------------------------------- trainer
+
+class DPOTrainerWithGuard(NonFiniteLossGuard, DPOTrainer):
+    """trl's DPOTrainer on pairs tokenized here; stops at a non-finite loss; counts real and padded tokens."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._token_counts = [0, 0]  # [fed to the model, of them real (not padding)], training steps only
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if "prompt_ids" in dataset.column_names:  # tokenized and cut by tokenize_preference_pairs
+            return dataset
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if "length" not in self._signature_columns:  # kept for --group_by_length
+            self._signature_columns = [*self._signature_columns, "length"]
+
+    def _save(self, output_dir: Optional[str] = None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        # A continued adapter's frozen reference copy ("ref") is the --peft_path folder itself: not saved again.
+        ref_copy = Path(output_dir or self.args.output_dir) / "ref"
+        if self.args.should_save and "ref" in getattr(self.model, "peft_config", {}) and ref_copy.is_dir():
+            shutil.rmtree(ref_copy)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            mask = inputs["attention_mask"]
+            self._token_counts[0] += mask.numel()
+            self._token_counts[1] += int(mask.sum())
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def token_stats(self, runtime_s: float) -> dict[str, float]:
+        """Real (non-padding) tokens per second and the padded share of fed tokens, summed over processes."""
+        counts = torch.tensor(self._token_counts, dtype=torch.float64, device=self.accelerator.device)
+        fed, real = self.accelerator.reduce(counts, reduction="sum").tolist()
+        return {"train_real_tokens_per_second": real / runtime_s if runtime_s else 0.0,
+                "train_pad_fraction": 1 - real / fed if fed else 0.0}
+
+
+def load_reference_model(model_args, lora_args, training_args, model_max_length: Optional[int]):
+    """The frozen reference: None with LoRA (the adapter is switched off instead) or with precomputed log-probs;
+    otherwise a second copy of the base weights."""
+    if lora_args.use_peft or training_args.precompute_ref_log_probs:
+        return None
+    from medllm.modeling import load_model
+
+    reference = load_model(model_args, model_max_length=model_max_length)
+    reference.requires_grad_(False)
+    return reference.eval()
+
+
+def score_only_completion_tokens_on_cpu() -> None:
+    """Make trl's fused LM head score only the positions that carry a label on a CPU too.
+
+    trl does this ("compact") on CUDA/XPU; elsewhere it scores every position, prompt and padding included, to keep
+    tile shapes fixed for compiling backends (Neuron). Nothing is compiled on a CPU: scoring only the reply tokens
+    gave identical losses in half the CPU time (tiny model, data/reward, batch 4, 60 steps: 4.4 s instead of 8.6 s).
+    """
+    import trl.trainer.utils as trl_utils
+
+    original = trl_utils._use_triton
+    if getattr(original, "medllm_compact_on_cpu", False):
+        return
+
+    def compact(device) -> bool:
+        return device.type == "cpu" or original(device)
+
+    compact.medllm_compact_on_cpu = True
+    trl_utils._use_triton = compact  # read only for this choice in trl.trainer.utils (the kernels keep their own)
+
+
+def build_dpo_trainer(model, ref_model, tokenizer, training_args, datasets, fresh_adapter: bool) -> DPOTrainerWithGuard:
+    """Assemble the trainer. With a new LoRA adapter the reference is the base with the adapter disabled:
+    trl copies the adapter as "ref" for any PeftModel it is given, which for a new (zero) adapter is the same
+    function at extra cost, so that copy is removed. A continued adapter (``--peft_path``) keeps it as reference."""
+    score_only_completion_tokens_on_cpu()
+    trainer = DPOTrainerWithGuard(
+        model=model,
+        ref_model=ref_model,
+        args=training_args,
+        train_dataset=datasets["train"],
+        eval_dataset=datasets.get("validation"),
+        processing_class=tokenizer,
+    )
+    peft_config = getattr(trainer.model, "peft_config", {})
+    if fresh_adapter and "ref" in peft_config:
+        trainer.model.delete_adapter("ref")
+        trainer.model.set_adapter("default")
+    return trainer
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process in MiB (Linux ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def log_peak_memory() -> dict[str, Any]:
+    """Peak RSS (and CUDA memory where there is a GPU) of this process, as metrics."""
+    metrics: dict[str, Any] = {"peak_rss_mb": round(peak_memory_mb(), 1)}
+    if torch.cuda.is_available():
+        metrics["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    logger.info("Peak memory (rank %s): %s", os.environ.get("RANK", "0"), metrics)
+    return metrics
