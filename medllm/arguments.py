@@ -129,9 +129,11 @@ class DataArguments:
     model_max_length: int = field(
         default=2048, metadata={"help": "SFT: longest row in tokens; longer dialogues keep whole turns from the start."}
     )
-    packing: bool = field(
-        default=True,
-        metadata={"help": "Pack several documents/dialogues per row (no padding, no attention across them)."},
+    packing: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Pack several documents/dialogues per row (no padding, no attention across them). "
+                  "Default: on for pretraining; off for SFT, where the batch size then counts dialogues as in "
+                  "the MedicalGPT family (packed rows of --model_max_length hold many dialogues each)."},
     )
     train_on_inputs: bool = field(
         default=False, metadata={"help": "SFT: put loss on prompts and markup too, not only assistant replies."}
@@ -236,6 +238,7 @@ def parse_args(argv: Optional[list[str]], *dataclass_types: type) -> tuple[Any, 
         # accelerate starts DDP (gloo) on CPUs only with use_cpu; without it each rank trains alone on all data.
         if any(hasattr(cls, "__dataclass_fields__") and "use_cpu" in cls.__dataclass_fields__ for cls in dataclass_types):
             argv += ["--use_cpu", "True"]
+    _check_deepspeed(argv)
     user_set_report_to = any(a.split("=")[0] == "--report_to" for a in argv)
     parser = HfArgumentParser(dataclass_types, allow_abbrev=False, conflict_handler="resolve")
     namespace, unknown = parser.parse_known_args(argv)
@@ -249,6 +252,24 @@ def parse_args(argv: Optional[list[str]], *dataclass_types: type) -> tuple[Any, 
             args.report_to = ["tensorboard"]
     _post_process(parsed)
     return tuple(parsed)
+
+
+def _check_deepspeed(argv: list[str]) -> None:
+    """--deepspeed FILE: the file must be JSON, and deepspeed installed (a clear message, not an ImportError)."""
+    import importlib.util
+    import json
+
+    config = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--deepspeed"), None)
+    config = config or next((a.split("=", 1)[1] for a in argv if a.startswith("--deepspeed=")), None)
+    if config is None or config.lstrip().startswith("{"):
+        return
+    try:
+        json.loads(open(config, encoding="utf-8").read())
+    except (OSError, ValueError) as error:
+        raise MedLLMError(f"--deepspeed {config}: cannot read it as JSON ({error}).") from None
+    if importlib.util.find_spec("deepspeed") is None:
+        raise MedLLMError(f"--deepspeed {config}: the deepspeed package is not installed (pip install deepspeed, "
+                          "on a machine with CUDA).")
 
 
 def _post_process(parsed: tuple[Any, ...]) -> None:

@@ -187,14 +187,13 @@ def parse_conversation_record(record: object, path: Path, line: int) -> dict:
         if field not in record:
             continue
         turns = record[field]
-        if isinstance(turns, list) and len(turns) == 1 and isinstance(turns[0], dict) and \
-                ROLE_NAMES.get(turns[0].get("from", turns[0].get("role"))) == "user":
-            return {NOTE: "dropped a conversation with no reply to train on"}
-        if isinstance(turns, list) and len(turns) > 2 and isinstance(turns[-1], dict) and \
+        if isinstance(turns, list) and turns and isinstance(turns[-1], dict) and \
                 ROLE_NAMES.get(turns[-1].get("from", turns[-1].get("role"))) == "user":
             # A last question nobody answered (common in real ShareGPT dumps): train on the answered turns.
-            messages = parse_messages(turns[:-1], path, line, field, "assistant")
-            return {"messages": messages, NOTE: "dropped a last user turn that has no reply"}
+            messages = parse_messages(turns, path, line, field, "user")
+            if not any(m["role"] == "assistant" for m in messages):
+                return {NOTE: "dropped a conversation with no reply to train on"}
+            return {"messages": messages[:-1], NOTE: "dropped a last user turn that has no reply"}
         return {"messages": parse_messages(turns, path, line, field, "assistant")}
     if "instruction" in record:
         question = _text(record, "instruction", path, line)

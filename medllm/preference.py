@@ -33,7 +33,7 @@ import torch
 from trl import DPOConfig, DPOTrainer
 
 from medllm.errors import MedLLMError
-from medllm.training import NonFiniteLossGuard, cached_map, fingerprint, tokenizer_fingerprint
+from medllm.training import NonFiniteLossGuard, cached_map, default_callbacks, fingerprint, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -257,6 +257,7 @@ def build_dpo_trainer(model, ref_model, tokenizer, training_args, datasets, fres
         train_dataset=datasets["train"],
         eval_dataset=datasets.get("validation"),
         processing_class=tokenizer,
+        callbacks=default_callbacks(),
     )
     peft_config = getattr(trainer.model, "peft_config", {})
     if fresh_adapter and "ref" in peft_config:

@@ -172,3 +172,87 @@ def save_final(trainer, tokenizer, output_dir: str, chat_template: Optional[str]
             shutil.rmtree(staging, ignore_errors=True)
         logger.info("Saved the trained model to %s", output)
     trainer.accelerator.wait_for_everyone()
+
+
+# --------------------------------------------------------------------------- benchmark hook (benchmarks/bench.py)
+
+BENCH_FILE_ENV = "MEDLLM_BENCH_FILE"  # when set, the trainers record timing, tokens and peak memory into this JSON file
+
+
+def default_callbacks() -> list:
+    """Callbacks every stage's trainer gets: the benchmark recorder when ``$MEDLLM_BENCH_FILE`` is set, else none."""
+    path = os.environ.get(BENCH_FILE_ENV)
+    return [_benchmark_callback_class()(path)] if path else []
+
+
+def _process_age_s() -> Optional[float]:
+    """Seconds since this process started (Linux /proc, 10 ms resolution), or None elsewhere."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _benchmark_callback_class():
+    import time
+
+    import torch
+    from transformers import TrainerCallback
+
+    class BenchmarkCallback(TrainerCallback):
+        """Records what benchmarks/bench.py reports: when the process started and the first step began, what
+        the training forward passes were fed by the end of each optimizer step (rows, tokens with padding, and
+        documents: a packed row holds several), torch's thread count, and peak memory (RSS; CUDA
+        max_memory_allocated). Written at the end of training by the main process. Real (non-padding) token
+        counts come from the stage's own metrics."""
+
+        def __init__(self, path: str):
+            self.path = path
+            self.record: dict[str, Any] = {"steps": []}
+            self.counts = [0, 0, 0]  # rows, fed tokens, documents of the training forward passes so far
+            self.hook = None
+
+        def count(self, module, args, kwargs) -> None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if not (module.training and torch.is_grad_enabled() and ids is not None and ids.dim() == 2):
+                return  # a reference model's no-grad pass is not counted
+            positions = kwargs.get("position_ids")
+            self.counts[0] += ids.shape[0]
+            self.counts[1] += ids.numel()
+            if positions is None:  # one document per row
+                self.counts[2] += ids.shape[0]
+            else:  # a document starts where positions restart; a padding run (pad token at position 0) is none
+                pad = getattr(getattr(module, "config", None), "pad_token_id", None)
+                self.counts[2] += int(((positions == 0) & (ids != (-1 if pad is None else pad))).sum())
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            age = _process_age_s()
+            self.record.update(process_start_time=None if age is None else time.time() - age,
+                               train_begin_time=time.time(), torch_threads=torch.get_num_threads())
+            if model is not None:
+                self.hook = model.register_forward_pre_hook(self.count, with_kwargs=True)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.record.setdefault("first_step_begin_time", time.time())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.record["steps"].append([time.time(), *self.counts])  # [time, rows, fed tokens, documents]
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.hook is not None:
+                self.hook.remove()
+            import resource
+
+            self.record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            if torch.cuda.is_available():
+                self.record["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            if state.is_world_process_zero:
+                target = Path(self.path)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+                staging.write_text(json.dumps(self.record, indent=1) + "\n", encoding="utf-8")
+                os.replace(staging, target)
+
+    return BenchmarkCallback

@@ -33,6 +33,8 @@ def run_script(*args: str, env: dict | None = None, timeout: int = 600):
     """Run a repo script with this interpreter; returns the CompletedProcess (text mode)."""
     import subprocess
 
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
+    # One thread per subprocess: on 2 cores, torchrun's two ranks with two threads each thrash.
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+                "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, *args], cwd=REPO, env=full_env, capture_output=True, text=True,
                           timeout=timeout)

@@ -146,3 +146,120 @@ def test_remote_code_needs_trust_remote_code(tmp_path, tiny_model_dir):
     with pytest.raises(MedLLMError):
         load_model(ModelArguments(model_name_or_path=str(folder)))
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- bad input, end to end
+
+def _stage_error(capsys, script: str, argv: list[str]) -> str:
+    """Run a stage's main() the way the command line does; return its one-line error (exit code 1)."""
+    import importlib
+
+    from medllm.errors import run_cli
+
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(module.main, argv)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: ") and "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def _sft_argv(tmp_path, model, data, *extra):
+    return ["--model_name_or_path", str(model), "--train_file_dir", str(data), "--output_dir",
+            str(tmp_path / "out"), "--template_name", "glm4", "--max_steps", "1", "--do_train",
+            "--report_to", "none", "--cache_dir", str(tmp_path / "cache"), *extra]
+
+
+GOOD_LINE = json.dumps({"conversations": [{"from": "human", "value": "发烧怎么办"}, {"from": "gpt", "value": "多喝水"}]},
+                       ensure_ascii=False)
+BAD_INPUTS = {
+    "empty file": (lambda d: (d / "a.jsonl").write_text(""), "a.jsonl: the file is empty"),
+    "empty folder": (lambda d: None, "no .txt, .json or .jsonl files"),
+    "invalid JSON": (lambda d: (d / "a.jsonl").write_text(GOOD_LINE + "\n{oops\n"), "a.jsonl:2: invalid JSON"),
+    "GBK file": (lambda d: (d / "a.jsonl").write_bytes(GOOD_LINE.encode("gbk")), "a.jsonl:1: not valid UTF-8"),
+    "wrong type": (lambda d: (d / "a.jsonl").write_text('{"conversations": [{"from": "human", "value": 5}]}\n'),
+                   "a.jsonl:1: field 'conversations[0].value': must be a string"),
+    "missing field": (lambda d: (d / "a.jsonl").write_text('{"chat": []}\n'),
+                      "a.jsonl:1: field 'conversations': missing"),
+    "10 MB line": (lambda d: (d / "a.jsonl").write_text('{"conversations": "' + "x" * 10_000_000 + '"}\n'),
+                   "a.jsonl:1: field 'conversations': must be a non-empty list"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_data_through_sft_is_one_line(tmp_path, capsys, tiny_model_dir, case):
+    make, expected = BAD_INPUTS[case]
+    data = tmp_path / "data"
+    data.mkdir()
+    make(data)
+    assert expected in _stage_error(capsys, "supervised_finetuning", _sft_argv(tmp_path, tiny_model_dir, data))
+
+
+def test_zero_valid_records_with_skip(tmp_path, capsys, tiny_model_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jsonl").write_text('{"chat": []}\n')
+    message = _stage_error(capsys, "supervised_finetuning",
+                           _sft_argv(tmp_path, tiny_model_dir, data, "--skip_invalid_records", "True"))
+    assert "no valid records in 1 file" in message
+
+
+def test_bad_model_and_settings_through_sft(tmp_path, capsys, tiny_model_dir):
+    import shutil
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jsonl").write_text(GOOD_LINE + "\n")
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(tiny_model_dir, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    assert "no weights" in _stage_error(capsys, "supervised_finetuning", _sft_argv(tmp_path, no_weights, data))
+    argv = _sft_argv(tmp_path, tiny_model_dir, data)
+    argv[argv.index("glm4")] = "glm5"
+    assert "--template_name 'glm5' does not exist" in _stage_error(capsys, "supervised_finetuning", argv)
+    message = _stage_error(capsys, "supervised_finetuning",
+                           _sft_argv(tmp_path, tiny_model_dir, data, "--model_max_length", "4"))
+    assert "model_max_length" in message
+
+
+def test_tokenizer_without_pad_token_gets_one(tmp_path, tiny_model_dir):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from medllm.arguments import ModelArguments
+    from medllm.modeling import load_tokenizer
+
+    folder = tmp_path / "no-pad"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("pad_token")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert AutoTokenizer.from_pretrained(folder).pad_token is None
+    tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(folder)))
+    assert tokenizer.pad_token == "<|endoftext|>" and tokenizer.pad_token_id is not None
+
+
+def test_debug_flag_shows_the_traceback(tmp_path, tiny_model_dir):
+    from conftest import run_script
+
+    data = tmp_path / "data"
+    data.mkdir()
+    argv = _sft_argv(tmp_path, tiny_model_dir, data)
+    plain = run_script("supervised_finetuning.py", *argv)
+    assert plain.returncode == 1 and "Traceback" not in plain.stderr
+    debug = run_script("supervised_finetuning.py", *argv, "--debug")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "DataError" not in plain.stderr
+
+
+def test_trained_output_dir_is_not_overwritten(tmp_path, capsys, tiny_model_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jsonl").write_text(GOOD_LINE + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "adapter_config.json").write_text("{}")
+    message = _stage_error(capsys, "supervised_finetuning", _sft_argv(tmp_path, tiny_model_dir, data))
+    assert "already holds a trained model" in message and "--overwrite_output_dir" in message
+    assert (out / "adapter_config.json").read_text() == "{}"

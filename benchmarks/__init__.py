@@ -1,0 +1,1 @@
+"""Speed, memory and MFU benchmarks of the stages (benchmarks/bench.py)."""
