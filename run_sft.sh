@@ -11,22 +11,7 @@ EVAL_DIR=${EVAL_DIR:-$DATA_DIR}
 OUTPUT_DIR=${OUTPUT_DIR:-outputs-sft-v1}
 TEMPLATE=${TEMPLATE:-glm4}
 CACHE_DIR=${CACHE_DIR:-./cache}
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
-if [[ -z "${NPROC:-}" ]]; then  # one process per visible GPU, else one (CPU)
-  if [[ -n "${CUDA_VISIBLE_DEVICES+x}" ]]; then
-    NPROC=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c . || true)
-  else
-    NPROC=$( (command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -c '^GPU') || true)
-  fi
-  [[ "${NPROC:-0}" -ge 1 ]] || NPROC=1
-fi
-if [[ "$NPROC" -gt 1 ]]; then
-  LAUNCH=("$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC")
-else
-  LAUNCH=("$PYTHON")
-fi
+source scripts/launch.sh  # sets PYTHON, NPROC and LAUNCH
 
 "${LAUNCH[@]}" supervised_finetuning.py \
   --model_type chatglm \

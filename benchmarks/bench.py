@@ -1,8 +1,8 @@
 """Speed, memory and model FLOPs utilisation (MFU) of every stage, and of the modes a user chooses between.
 
     python benchmarks/bench.py                    # tiny + small model (+ base on a GPU), every mode (make bench)
-    python benchmarks/bench.py --smoke            # micro model, 3 steps, defaults only (the test suite's setting)
-    python benchmarks/bench.py --sizes small --runs "sft,sft padded" --threads 1
+    python benchmarks/bench.py --smoke            # micro model, 3 steps, one run per stage (the test suite's)
+    python benchmarks/bench.py --sizes small --runs "sft packed,sft padded" --threads 1
 
 Each training stage runs as its own process for ``--steps`` optimizer steps with $MEDLLM_BENCH_FILE set, so
 its trainer records when the first step began, every step's fed rows and tokens, and peak memory
@@ -49,31 +49,32 @@ class Run:
     flags: tuple[str, ...] = ()
 
 
-# The defaults first (they fill the tokenization cache, so later runs start warm), then the alternatives.
+# Each run names the flag it is about, so a change of a stage's defaults does not change what is compared.
+# The first run of each stage tokenizes (the cache is emptied at start); the others start from the cache.
 RUNS = (
-    Run("pt", "pt", "LoRA, packed (default)"),
-    Run("sft", "sft", "LoRA, packed (default)"),
-    Run("dpo", "dpo", "LoRA, reference = adapter off (default)"),
+    Run("pt packed", "pt", "LoRA, documents packed into rows", ("--packing", "True")),
+    Run("sft packed", "sft", "LoRA, dialogues packed into rows", ("--packing", "True")),
+    Run("dpo padded", "dpo", "LoRA, reference = adapter off; random batches", ("--group_by_length", "False")),
     Run("pt padded", "pt", "LoRA, one document per row, padded", ("--packing", "False")),
     Run("sft padded", "sft", "LoRA, one dialogue per row, padded", ("--packing", "False")),
-    Run("sft full", "sft", "all parameters, packed", ("--use_peft", "False")),
-    Run("sft checkpointing", "sft", "LoRA, packed, gradient checkpointing", ("--gradient_checkpointing", "True")),
-    Run("dpo padded", "dpo", "LoRA, random batches padded to their longest", ("--group_by_length", "False")),
-    Run("dpo grouped", "dpo", "LoRA, batches of similar length", ("--group_by_length", "True")),
-    Run("dpo reference copy", "dpo", "all parameters, frozen reference copy", ("--use_peft", "False")),
+    Run("sft full", "sft", "all parameters, packed", ("--packing", "True", "--use_peft", "False")),
+    Run("sft checkpointing", "sft", "LoRA, packed, gradient checkpointing",
+        ("--packing", "True", "--gradient_checkpointing", "True")),
+    Run("dpo grouped", "dpo", "LoRA; batches of similar length", ("--group_by_length", "True")),
+    Run("dpo reference copy", "dpo", "all parameters, frozen reference copy; random batches",
+        ("--group_by_length", "False", "--use_peft", "False")),
 )
-SMOKE_RUNS = ("pt", "sft", "dpo")
-STAGE_BATCH_SIZE = {"pt": 4, "sft": 2, "dpo": 4}  # rows per step, as in run_pt.sh, run_sft.sh, run_dpo.sh
+SMOKE_RUNS = ("pt packed", "sft packed", "dpo padded")
+STAGE_BATCH_SIZE = {"pt": 4, "sft": 2, "dpo": 4}  # rows (DPO: pairs) per step, as in the run_*.sh scripts
 
 # (label, run, baseline run, target ratio of real tokens/s or None): read as "run vs baseline".
 COMPARISONS = (
-    ("PT packed vs padded", "pt", "pt padded", None),
-    ("SFT packed vs padded", "sft", "sft padded", 1.5),
-    ("SFT LoRA vs full", "sft", "sft full", None),
-    ("SFT checkpointing off vs on", "sft", "sft checkpointing", None),
-    ("DPO default vs padded", "dpo", "dpo padded", 1.5),
-    ("DPO grouped vs padded", "dpo grouped", "dpo padded", None),
-    ("DPO LoRA reference vs reference copy", "dpo", "dpo reference copy", None),
+    ("PT packed vs padded", "pt packed", "pt padded", None),
+    ("SFT packed vs padded", "sft packed", "sft padded", 1.5),
+    ("SFT LoRA vs full", "sft packed", "sft full", None),
+    ("SFT checkpointing off vs on", "sft packed", "sft checkpointing", None),
+    ("DPO grouped vs padded", "dpo grouped", "dpo padded", 1.5),
+    ("DPO LoRA reference vs reference copy", "dpo padded", "dpo reference copy", None),
 )
 PT_MFU_TARGET = ("small", 0.30)  # PT MFU on the small model, as a share of the measured matmul peak
 
@@ -359,7 +360,7 @@ def compare(results: list[dict]) -> list[dict]:
             rows.append({"size": size, "comparison": label, "speed_ratio": round(ratio, 2),
                          "memory_ratio": round(a["peak_memory_mb"] / b["peak_memory_mb"], 2),
                          "target": target, "met": None if target is None else ratio >= target})
-        pt = by_key.get((size, "pt"))
+        pt = by_key.get((size, "pt packed"))
         if pt and size == PT_MFU_TARGET[0]:
             rows.append({"size": size, "comparison": "PT MFU (share of matmul peak)", "mfu": pt["mfu"],
                          "target": PT_MFU_TARGET[1], "met": pt["mfu"] >= PT_MFU_TARGET[1]})
@@ -425,11 +426,14 @@ def tables(report: dict) -> str:
 def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
-    parser.add_argument("--smoke", action="store_true", help="Smallest setting: micro model, 3 steps, defaults only.")
+    parser.add_argument("--smoke", action="store_true",
+                        help="Smallest setting: micro model, 3 steps, one run per stage, no CLI timing.")
     parser.add_argument("--sizes", default=None, help="Model sizes of medllm/tiny.py, comma-separated "
                         "(default: tiny,small, and base on a GPU; --smoke: micro).")
-    parser.add_argument("--runs", default=None, help="Comma-separated run names (default: all; --smoke: pt,sft,dpo).")
-    parser.add_argument("--steps", type=int, default=None, help="Optimizer steps per run (default 6; --smoke 3).")
+    parser.add_argument("--runs", default=None, help="Comma-separated run names (default: all; --smoke: "
+                        f"{','.join(SMOKE_RUNS)}). Names: {', '.join(r.name for r in RUNS)}.")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="Optimizer steps per run; the first is not timed (default 10; --smoke 3).")
     parser.add_argument("--batch_size", type=int, default=None,
                         help="Rows per step (default: PT 4, SFT 2, DPO 4 pairs as in run_*.sh; --smoke 2).")
     parser.add_argument("--max_length", type=int, default=None,
@@ -473,7 +477,7 @@ def resolve(args: argparse.Namespace, cuda: bool) -> tuple[list[str], list[Run],
     runs = [r for r in RUNS if r.name in names]
     if len(runs) != len(set(names)):
         raise SystemExit(f"error: --runs: unknown name(s); choose from {', '.join(r.name for r in RUNS)}")
-    settings = Settings(steps=args.steps or (3 if args.smoke else 6),
+    settings = Settings(steps=args.steps or (3 if args.smoke else 10),
                         batch_size=args.batch_size or (2 if args.smoke else None),
                         max_length=args.max_length or (128 if args.smoke else 512),
                         new_tokens=args.new_tokens or (8 if args.smoke else 64),
@@ -484,7 +488,8 @@ def resolve(args: argparse.Namespace, cuda: bool) -> tuple[list[str], list[Run],
 def benchmark_size(size: str, model_dir: Path, runs: list[Run], settings: Settings) -> list[dict]:
     """Every training run on one model size, then merge the SFT adapter and generate with the merged model."""
     results = [run_training(run, size, model_dir, settings) for run in runs]
-    sft = next((r for r in results if r["run"] == "sft" and "error" not in r), None)
+    sft = next((r for r in results if r["stage"] == "sft" and "--use_peft" not in r["flags"] and "error" not in r),
+               None)  # a LoRA adapter to merge
     infer_model = model_dir
     if sft:
         results.append(run_merge(size, model_dir, Path(sft["output_dir"]), settings))

@@ -38,8 +38,8 @@ def training_figures(stage_dir: Path) -> dict:
         figures["steps"] = train[-1].get("step")
     if evals:
         figures["eval_loss"] = evals[-1]["eval_loss"]
-        figures["perplexity"] = evals[-1].get("eval_perplexity", evals[-1].get("perplexity",
-                                                                               math.exp(evals[-1]["eval_loss"])))
+        if "eval_rewards/accuracies" not in evals[-1]:  # a language-model loss (PT/SFT), not DPO's
+            figures["perplexity"] = evals[-1].get("eval_perplexity", math.exp(evals[-1]["eval_loss"]))
         for key in ("eval_rewards/accuracies", "eval_rewards/margins"):
             if key in evals[-1]:
                 figures[key.replace("eval_", "")] = evals[-1][key]

@@ -263,3 +263,86 @@ def test_trained_output_dir_is_not_overwritten(tmp_path, capsys, tiny_model_dir)
     message = _stage_error(capsys, "supervised_finetuning", _sft_argv(tmp_path, tiny_model_dir, data))
     assert "already holds a trained model" in message and "--overwrite_output_dir" in message
     assert (out / "adapter_config.json").read_text() == "{}"
+
+
+# --------------------------------------------------------------------------- kill and resume
+
+def _pt_command(model: str, output: Path, *extra: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "pretraining.py", "--model_name_or_path", model, "--train_file_dir", "data/pretrain",
+            "--output_dir", str(output), "--cache_dir", str(output.parent / "cache"), "--do_train",
+            "--max_steps", "120", "--save_steps", "20", "--logging_steps", "1", "--block_size", "32",
+            "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--seed", "7", "--report_to", "none",
+            "--max_train_samples", "200", "--gradient_checkpointing", "False", *extra]
+
+
+def _final_state(output: Path):
+    from safetensors.torch import load_file
+
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    return [h["loss"] for h in history if "loss" in h][-1], load_file(output / "adapter_model.safetensors")
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir):
+    import signal
+    import subprocess
+    import time
+
+    from conftest import REPO
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    straight = tmp_path / "straight"
+    subprocess.run(_pt_command(tiny_model_dir, straight), cwd=REPO, env=env, check=True, capture_output=True)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_pt_command(tiny_model_dir, killed), cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-40" / "trainer_state.json").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "trainer_state.json").exists()  # it really died mid-run
+    resumed = subprocess.run(_pt_command(tiny_model_dir, killed, "--resume_from_checkpoint", "True"), cwd=REPO,
+                             env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "Resuming from" in resumed.stderr
+
+    loss_straight, weights_straight = _final_state(straight)
+    loss_resumed, weights_resumed = _final_state(killed)
+    assert abs(loss_straight - loss_resumed) < 1e-5
+    assert weights_straight.keys() == weights_resumed.keys()
+    for name, tensor in weights_straight.items():
+        assert (tensor - weights_resumed[name]).abs().max().item() < 1e-5, name
+
+
+def test_a_stage_writes_only_where_it_was_told(tmp_path, tiny_model_dir):
+    """SFT with --output_dir and --cache_dir in tmp: nothing new in the repo, the home folder or /tmp."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    def snapshot(folder: Path) -> set:
+        return {str(p) for p in folder.rglob("*")} if folder.exists() else set()
+
+    home, scratch = tmp_path / "home", tmp_path / "scratch"
+    home.mkdir()
+    scratch.mkdir()
+    repo_before = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=REPO, capture_output=True,
+                                 text=True).stdout
+    env = {**os.environ, "HOME": str(home), "TMPDIR": str(scratch), "XDG_CACHE_HOME": str(home / ".cache"),
+           "HF_HOME": str(home / ".cache" / "huggingface"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jsonl").write_text((GOOD_LINE + "\n") * 8)
+    argv = _sft_argv(tmp_path, tiny_model_dir, data)
+    result = subprocess.run([sys.executable, "supervised_finetuning.py", *argv], cwd=REPO, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file() and any((tmp_path / "cache").iterdir())
+    assert subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=REPO, capture_output=True,
+                          text=True).stdout == repo_before
+    assert snapshot(home) == set() and snapshot(scratch) == set()
