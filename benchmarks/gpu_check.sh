@@ -24,7 +24,7 @@ plan() {
   echo "  2. record the machine: nvidia-smi, torch/transformers/peft/trl versions"
   echo "  3. build the '$SIZES' model(s), measure the bf16 matrix-product peak"
   echo "  4. train, $STEPS steps each, bf16, LoRA: $RUNS"
-  echo "  5. merge the adapter (--verify), batched inference at batch 1 and 8"
+  echo "  5. merge the SFT adapter, batched inference at batch 1 and 8"
   echo "  6. write bench.json / bench.md / gpu_check.log to $RESULTS"
 }
 
