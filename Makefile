@@ -42,8 +42,9 @@ eval: $(STAMP) $(EVAL_STAMP)
 test: $(STAMP) $(EVAL_STAMP)
 	$(PY) -m pytest -q tests
 
+# Speed, memory and MFU of every stage and mode (benchmarks/README.md); e.g. BENCH_FLAGS=--threads 1
 bench: $(STAMP)
-	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/bench.py $(BENCH_FLAGS)
 
 clean:
 	rm -rf outputs cache models

@@ -289,7 +289,9 @@ def inference_worker(model_dir: str, output: str, new_tokens: int) -> None:
     model.generate = counting_generate
     options = dict(max_new_tokens=new_tokens, temperature=0.0)
     generate_replies(model, tokenizer, template, conversations[:2], batch_size=2, **options)  # warm-up
-    result: dict[str, Any] = {"new_tokens": new_tokens, "use_cache": bool(model.generation_config.use_cache)}
+    use_cache = model.generation_config.use_cache  # None (transformers 5's default): the model config decides
+    use_cache = getattr(model.config, "use_cache", True) if use_cache is None else use_cache
+    result: dict[str, Any] = {"new_tokens": new_tokens, "use_cache": bool(use_cache)}
     for batch_size in (1, 8):
         generated[0], first_token_s = 0, []
         start = time.perf_counter()
@@ -388,6 +390,8 @@ def tables(report: dict) -> str:
              f"threads); load average {m['load_average_start']} at start, {m['load_average_end']} at end. "
              f"Matmul peak ({peak['dtype']}, {peak['size']}x{peak['size']}): "
              f"{peak['flops_per_second'] / 1e9:.1f} GFLOP/s (best of {peak['measured_gflops']})."]
+    if m.get("warning"):
+        lines.append(f"\n**Warning**: {m['warning']}.")
     lines += markdown(
         ["size", "run", "mode", "tokenization", "real tok/s", "pad %", "start→step 1 s", "step 1 s", "peak MB",
          "MFU %"],
@@ -518,6 +522,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "steps": settings.steps, "timed_steps": settings.steps - 1, "batch_size": settings.batch_size or
         STAGE_BATCH_SIZE, "max_length": settings.max_length, "new_tokens": settings.new_tokens, "sizes": sizes,
         "runs": [r.name for r in runs]}}
+    busy = report["machine"]["load_average_start"][0]
+    if torch.get_num_threads() > 1 and busy > 0.5:  # other processes hold cores: parallel regions stall
+        report["machine"]["warning"] = (f"load average {busy:.1f} at start with {torch.get_num_threads()} threads: "
+                                        "other jobs share the cores, figures can be several times too low; "
+                                        "re-run on a quiet machine or with --threads 1")
+        logger.warning("%s.", report["machine"]["warning"])
     models = build_models(sizes, settings.work_dir)
 
     # Run: the matmul peak is measured before and after each size; the machine's best is the roof

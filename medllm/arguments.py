@@ -214,8 +214,8 @@ def cuda_available() -> bool:
 
 def _set_aside_half_precision(argv: list[str]) -> list[str]:
     """On a machine without CUDA, drop --fp16/--bf16 (and half --torch_dtype) with one warning each."""
-    if cuda_available():
-        return argv
+    if not any(a.split("=")[0] in ("--fp16", "--bf16") for a in argv) or cuda_available():
+        return argv  # (checked in this order so that --help does not import torch)
     argv = list(argv)
     for flag in ("--fp16", "--bf16"):
         if _is_true(_pop_flag(argv, flag)):
