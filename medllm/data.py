@@ -49,8 +49,8 @@ def find_data_files(directory: str) -> list[Path]:
 def _read_text(path: Path) -> str:
     raw = path.read_bytes()
     if raw.startswith(b"\xef\xbb\xbf"):
-        logger.warning("%s: starts with a UTF-8 byte-order mark; ignoring it.", path)
-        raw = raw[3:]
+        raise DataError(str(path), 1, None, "starts with a UTF-8 byte-order mark (BOM); save it as UTF-8 without "
+                        "BOM, e.g. `sed -i '1s/^\\xEF\\xBB\\xBF//' FILE`.")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as error:

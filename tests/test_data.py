@@ -135,12 +135,13 @@ def test_zero_valid_records_is_an_error(tmp_path):
 
 def test_bom_and_json_array_with_line_numbers(tmp_path):
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "ok"}).encode() + b"\n")
+    with pytest.raises(DataError, match=r"bom.jsonl:1: starts with a UTF-8 byte-order mark"):
+        load_pretrain_texts(DataArguments(train_file_dir=str(tmp_path)), need_eval=False)
+    (tmp_path / "bom.jsonl").unlink()
     (tmp_path / "array.json").write_text('[\n  {"text": "a"},\n  {"text": ""}\n]\n')
     with pytest.raises(DataError) as error:
         load_pretrain_texts(DataArguments(train_file_dir=str(tmp_path)), need_eval=False)
     assert (error.value.line, error.value.field) == (3, "text")
-    (tmp_path / "array.json").unlink()
-    assert load_pretrain_texts(DataArguments(train_file_dir=str(tmp_path)), need_eval=False)["train"]["text"] == ["ok"]
 
 
 def test_validation_split_and_sample_limits(tmp_path):

@@ -105,6 +105,28 @@ def test_non_finite_loss_stops_at_once_naming_the_step(tmp_path):
     assert not (tmp_path / "checkpoint-4").exists()
 
 
+def test_fp16_overflow_names_the_step_and_suggests_bf16(tmp_path):
+    """The same guard reports an fp16 overflow (a GPU run) with the bf16 advice first."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from medllm.training import NonFiniteLossGuard
+
+    class Overflowing:
+        def training_step(self, *args, **kwargs):
+            return torch.tensor(float("inf"))
+
+    class Guarded(NonFiniteLossGuard, Overflowing):
+        args = SimpleNamespace(fp16=True, output_dir=str(tmp_path), learning_rate=2e-5)
+        state = SimpleNamespace(global_step=41)
+
+    with pytest.raises(MedLLMError) as error:
+        Guarded().training_step()
+    assert str(error.value) == ("loss became inf at step 42; stopped training (no checkpoint was saved yet). "
+                                "fp16 overflowed: use --bf16 instead of --fp16, or a lower --learning_rate (now 2e-05).")
+
+
 def test_pickled_weights_are_never_executed(tmp_path, tiny_model_dir):
     """A .bin whose pickle would run code is refused, and the code does not run (weights_only=True)."""
     import shutil
@@ -182,6 +204,8 @@ BAD_INPUTS = {
                    "a.jsonl:1: field 'conversations[0].value': must be a string"),
     "missing field": (lambda d: (d / "a.jsonl").write_text('{"chat": []}\n'),
                       "a.jsonl:1: field 'conversations': missing"),
+    "UTF-8 BOM": (lambda d: (d / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + GOOD_LINE.encode()),
+                  "a.jsonl:1: starts with a UTF-8 byte-order mark"),
     "10 MB line": (lambda d: (d / "a.jsonl").write_text('{"conversations": "' + "x" * 10_000_000 + '"}\n'),
                    "a.jsonl:1: field 'conversations': must be a non-empty list"),
 }
