@@ -264,12 +264,9 @@ def inference_worker(model_dir: str, output: str, new_tokens: int) -> None:
     """Load ``model_dir`` as inference.py does and time generate_replies (KV cache on, greedy): tokens/s at
     batch 1 and batch 8 and time to first token at batch 1. Every reply is exactly ``new_tokens`` long
     (min_new_tokens), so the rates do not depend on where a random model happens to stop."""
-    import resource
-
-    import torch
-
     from medllm.arguments import InferenceArguments, ModelArguments
     from medllm.generation import generate_replies, load_for_inference, read_questions, resolve_template
+    from medllm.training import peak_memory_mb
 
     model, tokenizer = load_for_inference(InferenceArguments(base_model=model_dir), ModelArguments())
     template = resolve_template(tokenizer, None)
@@ -304,9 +301,8 @@ def inference_worker(model_dir: str, output: str, new_tokens: int) -> None:
         else:
             generate_replies(model, tokenizer, template, conversations, batch_size=batch_size, **options)
         result[f"tokens_per_second_batch{batch_size}"] = round(generated[0] / (time.perf_counter() - start), 1)
-    memory = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
-              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    result["peak_memory_mb"] = round(memory, 1)
+    peaks = peak_memory_mb()
+    result["peak_memory_mb"] = round(peaks.get("peak_cuda_mb", peaks["peak_rss_mb"]), 1)
     Path(output).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
 
 

@@ -177,6 +177,11 @@ class RunArguments:
     )
 
 
+def flag_given(argv: list[str], flag: str) -> bool:
+    """Whether ``--flag`` (or ``--flag=value``) is on the command line."""
+    return any(arg.split("=", 1)[0] == flag for arg in argv)
+
+
 def _apply_aliases(argv: list[str]) -> list[str]:
     out = []
     for arg in argv:
@@ -214,7 +219,7 @@ def cuda_available() -> bool:
 
 def _set_aside_half_precision(argv: list[str]) -> list[str]:
     """On a machine without CUDA, drop --fp16/--bf16 (and half --torch_dtype) with one warning each."""
-    if not any(a.split("=")[0] in ("--fp16", "--bf16") for a in argv) or cuda_available():
+    if not (flag_given(argv, "--fp16") or flag_given(argv, "--bf16")) or cuda_available():
         return argv  # (checked in this order so that --help does not import torch)
     argv = list(argv)
     for flag in ("--fp16", "--bf16"):
@@ -239,7 +244,7 @@ def parse_args(argv: Optional[list[str]], *dataclass_types: type) -> tuple[Any, 
         if any(hasattr(cls, "__dataclass_fields__") and "use_cpu" in cls.__dataclass_fields__ for cls in dataclass_types):
             argv += ["--use_cpu", "True"]
     _check_deepspeed(argv)
-    user_set_report_to = any(a.split("=")[0] == "--report_to" for a in argv)
+    user_set_report_to = flag_given(argv, "--report_to")
     parser = HfArgumentParser(dataclass_types, allow_abbrev=False, conflict_handler="resolve")
     namespace, unknown = parser.parse_known_args(argv)
     if unknown:

@@ -32,8 +32,10 @@ from typing import Any, Optional, Sequence
 import torch
 from trl import DPOConfig, DPOTrainer
 
+from medllm.arguments import flag_given
 from medllm.errors import MedLLMError
-from medllm.training import NonFiniteLossGuard, cached_map, default_callbacks, fingerprint, tokenizer_fingerprint
+from medllm.training import (NonFiniteLossGuard, cached_map, default_callbacks, fingerprint, peak_memory_mb,
+                             tokenizer_fingerprint)
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +62,6 @@ class DPOArguments(DPOConfig):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
             self.use_cpu = True  # read when the devices are set up, inside the parent's __post_init__
         super().__post_init__()
-
-
-def flag_given(argv: Sequence[str], flag: str) -> bool:
-    """Whether ``--flag`` (or ``--flag=value``) is on the command line."""
-    return any(arg.split("=", 1)[0] == flag for arg in argv)
 
 
 def apply_dpo_defaults(argv: Sequence[str], training_args, data_args, lora_args, model_args) -> None:
@@ -266,17 +263,8 @@ def build_dpo_trainer(model, ref_model, tokenizer, training_args, datasets, fres
     return trainer
 
 
-def peak_memory_mb() -> float:
-    """Peak resident memory of this process in MiB (Linux ru_maxrss is in KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def log_peak_memory() -> dict[str, Any]:
     """Peak RSS (and CUDA memory where there is a GPU) of this process, as metrics."""
-    metrics: dict[str, Any] = {"peak_rss_mb": round(peak_memory_mb(), 1)}
-    if torch.cuda.is_available():
-        metrics["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    metrics: dict[str, Any] = {name: round(value, 1) for name, value in peak_memory_mb().items()}
     logger.info("Peak memory (rank %s): %s", os.environ.get("RANK", "0"), metrics)
     return metrics

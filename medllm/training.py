@@ -127,6 +127,19 @@ def cached_map(dataset, function: Callable, cache_dir: str, key: list, training_
         return result
 
 
+def peak_memory_mb() -> dict[str, float]:
+    """Peak memory of this process so far: ``peak_rss_mb`` (Linux ru_maxrss is in KiB) and, where there is a
+    GPU, ``peak_cuda_mb`` (torch.cuda.max_memory_allocated)."""
+    import resource
+
+    import torch
+
+    peaks = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        peaks["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peaks
+
+
 class NonFiniteLossGuard:
     """Trainer mixin: stop at once when the loss is NaN or inf, naming the step, keeping the last checkpoint."""
 
@@ -243,11 +256,7 @@ def _benchmark_callback_class():
         def on_train_end(self, args, state, control, **kwargs):
             if self.hook is not None:
                 self.hook.remove()
-            import resource
-
-            self.record["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            if torch.cuda.is_available():
-                self.record["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            self.record.update(peak_memory_mb())
             if state.is_world_process_zero:
                 target = Path(self.path)
                 target.parent.mkdir(parents=True, exist_ok=True)

@@ -12,9 +12,6 @@ import pytest
 
 from conftest import REPO, run_script
 
-# One thread per process: on a loaded 2-core machine two OpenMP threads waiting on each other made a
-# micro-model run 30x slower (35 s instead of 0.8 s for 15 steps).
-SUBPROCESS_ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 PT_FLAGS = [  # the MedicalGPT-style flag list of run_pt.sh, shrunk to test size
     "--model_type", "auto", "--train_file_dir", "data/pretrain", "--validation_file_dir", "data/pretrain",
     "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--do_train", "--do_eval",
@@ -115,8 +112,7 @@ def lora_run(tiny_model_dir, tmp_path_factory):
                         # norm), so the head is trained in full too: this also covers --modules_to_save.
                         "--modules_to_save", "lm_head",
                         "--max_steps", "30", "--learning_rate", "5e-3", "--max_train_samples", "400",
-                        "--eval_strategy", "no", "--output_dir", str(output), "--cache_dir", str(cache),
-                        env=SUBPROCESS_ENV)
+                        "--eval_strategy", "no", "--output_dir", str(output), "--cache_dir", str(cache),)
     check_ok(result)
     return output, cache, result
 
@@ -161,7 +157,7 @@ def test_full_parameters_change_weights_and_reuse_cache(lora_run, tiny_model_dir
     result = run_script("pretraining.py", "--model_name_or_path", tiny_model_dir, *PT_FLAGS,
                         "--use_peft", "False", "--max_steps", "3", "--learning_rate", "1e-3",
                         "--max_train_samples", "400", "--eval_strategy", "no", "--output_dir", str(full),
-                        "--cache_dir", str(cache), env=SUBPROCESS_ENV)
+                        "--cache_dir", str(cache))
     check_ok(result)
     assert "pretrain train rows: using the cached result" in result.stderr  # tokenized once, by the LoRA run
     before = load_file(os.path.join(tiny_model_dir, "model.safetensors"))

@@ -24,9 +24,6 @@ CONVERSATION = [
     {"role": "user", "content": "要去医院吗？"},
     {"role": "assistant", "content": "高烧请就医。"},
 ]
-# One thread per process: on a loaded 2-core machine two OpenMP threads waiting on each other made a
-# micro-model run 30x slower (35 s instead of 0.8 s for 15 steps).
-SUBPROCESS_ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 SFT_FLAGS = [  # the MedicalGPT-style flag list of run_sft.sh, shrunk to test size
     "--model_type", "chatglm", "--train_file_dir", "data/finetune", "--validation_file_dir", "data/finetune",
     "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2", "--do_train", "--do_eval",
@@ -153,7 +150,7 @@ def test_sft_learns_and_saves_the_chat_template(tiny_model_dir, tmp_path):
                         # LoRA alone barely moves a random model's logits; train the head too (--modules_to_save).
                         "--modules_to_save", "lm_head", "--max_train_samples", "400", "--model_max_length", "256",
                         "--max_steps", "30", "--learning_rate", "5e-3", "--output_dir", str(output),
-                        "--cache_dir", str(tmp_path / "cache"), env=SUBPROCESS_ENV)
+                        "--cache_dir", str(tmp_path / "cache"))
     check_ok(result)
     assert "--fp16 set aside" in result.stderr and "--torch_dtype float16 set aside" in result.stderr
     history = json.loads((output / "trainer_state.json").read_text())["log_history"]
@@ -196,8 +193,7 @@ def test_real_sharegpt_file_trains(shared_data, tiny_model_dir, tmp_path):
     result = run_script("supervised_finetuning.py", "--model_name_or_path", tiny_model_dir, *SFT_FLAGS,
                         "--train_file_dir", str(shared_data / "sft"), "--do_eval", "False",
                         "--max_train_samples", "60", "--model_max_length", "512", "--max_steps", "3",
-                        "--learning_rate", "1e-3", "--output_dir", str(output), "--cache_dir", str(tmp_path / "c"),
-                        env=SUBPROCESS_ENV)
+                        "--learning_rate", "1e-3", "--output_dir", str(output), "--cache_dir", str(tmp_path / "c"),)
     check_ok(result)
     losses = [e["loss"] for e in json.loads((output / "trainer_state.json").read_text())["log_history"] if "loss" in e]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
