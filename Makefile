@@ -18,6 +18,9 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
 	$(PY) -m pip install --quiet -r requirements.txt
+	@# Save each script's parser once, so --help and flag errors answer without importing torch (medllm/cli_cache.py).
+	for script in pretraining supervised_finetuning dpo_training merge_peft_adapter inference; do \
+		$(PY) $$script.py --help >/dev/null || exit 1; done
 	touch $(STAMP)
 
 # OpenCompass in its own environment (requirements-eval.txt); run_eval.sh is the one place that installs it.

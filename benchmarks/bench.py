@@ -309,13 +309,20 @@ def inference_worker(model_dir: str, output: str, new_tokens: int) -> None:
 # --------------------------------------------------------------------------- command line speed
 
 def time_cli(settings: Settings) -> dict:
-    """Seconds until ``--help`` answers and until a misspelt flag is refused, per script."""
+    """Seconds until ``--help`` answers and until a misspelt flag is refused, per script.
+
+    The first ``--help`` runs with an empty parser cache (``medllm/cli_cache.py``): the full parser
+    answers and is saved. The second ``--help`` and the misspelt flag answer from the saved parser,
+    as every run after the first does (``make setup`` saves them).
+    """
     figures = {}
     folder = settings.work_dir / "cli"
-    folder.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    env = {**child_env(settings), "MEDLLM_CACHE_DIR": str(folder / "cache")}
     for script in CLI_SCRIPTS:
-        for case, flags in (("help", ["--help"]), ("bad_flag", ["--no_such_flag", "1"])):
-            process = launch([script, *flags], child_env(settings), folder / f"{script}-{case}.txt", timeout=120)
+        for case, flags in (("help first", ["--help"]), ("help", ["--help"]), ("bad_flag", ["--no_such_flag", "1"])):
+            process = launch([script, *flags], env, folder / f"{script}-{case.replace(' ', '_')}.txt", timeout=120)
             figures[f"{script} {case}"] = round(process["wall_s"], 2)
     return figures
 
@@ -415,9 +422,9 @@ def tables(report: dict) -> str:
         lines += markdown(["size", "comparison", "real tok/s ratio", "peak memory ratio", "target", "met"], rows)
     if report.get("cli_seconds"):
         seconds = report["cli_seconds"]
-        lines += markdown(["script", "--help s", "misspelt flag s"],
-                          [[script, f"{seconds[f'{script} help']:.2f}", f"{seconds[f'{script} bad_flag']:.2f}"]
-                           for script in CLI_SCRIPTS], text_columns=1)
+        lines += markdown(["script", "first --help s (no cache)", "--help s", "misspelt flag s"],
+                          [[script, f"{seconds[f'{script} help first']:.2f}", f"{seconds[f'{script} help']:.2f}",
+                            f"{seconds[f'{script} bad_flag']:.2f}"] for script in CLI_SCRIPTS], text_columns=1)
     return "\n".join(lines) + "\n"
 
 

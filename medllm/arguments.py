@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from medllm import cli_cache
 from medllm.errors import MedLLMError
 
 logger = logging.getLogger(__name__)
@@ -246,6 +247,7 @@ def parse_args(argv: Optional[list[str]], *dataclass_types: type) -> tuple[Any, 
     _check_deepspeed(argv)
     user_set_report_to = flag_given(argv, "--report_to")
     parser = HfArgumentParser(dataclass_types, allow_abbrev=False, conflict_handler="resolve")
+    cli_cache.save(parser)
     namespace, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")

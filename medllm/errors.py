@@ -47,6 +47,9 @@ def run_cli(main: Callable[[list[str]], object], argv: list[str] | None = None) 
     debug = "--debug" in argv
     if debug:
         argv.remove("--debug")
+    from medllm import cli_cache
+
+    cli_cache.check(argv)  # --help and bad flags answered from the saved parser, before heavy imports
     setup_logging()
     try:
         main(argv)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data" / "medicalgpt"
 sys.path.insert(0, str(REPO))
+# Saved --help parsers (medllm/cli_cache.py) of this session's runs go to a temporary folder, not ~/.cache.
+os.environ.setdefault("MEDLLM_CACHE_DIR", tempfile.mkdtemp(prefix="medllm-test-cache-"))
 
 
 @pytest.fixture(scope="session")
