@@ -48,7 +48,8 @@ def main(argv: list[str]) -> dict:
     if lora_args.use_peft:
         model = build_peft_model(model, lora_args, training_args)
     trainer = build_dpo_trainer(model, ref_model, tokenizer, training_args, datasets,
-                                fresh_adapter=lora_args.use_peft and not lora_args.peft_path)
+                                fresh_adapter=lora_args.use_peft and not lora_args.peft_path,
+                                padding_free=data_args.padding_free)
 
     # Train
     metrics: dict = {}

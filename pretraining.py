@@ -35,7 +35,7 @@ def main(argv: list[str]) -> dict:
     model = prepare_model(model_args, lora_args, training_args, max_length=data_args.block_size)
 
     # Train, save, evaluate
-    trainer = build_trainer(model, tokenizer, training_args, rows)
+    trainer = build_trainer(model, tokenizer, training_args, rows, data_args.padding_free)
     return run_training(trainer, tokenizer, training_args)
 
 

@@ -39,7 +39,7 @@ def main(argv: list[str]) -> dict:
     model = prepare_model(model_args, lora_args, training_args, max_length=data_args.model_max_length)
 
     # Train, save, evaluate
-    trainer = build_trainer(model, tokenizer, training_args, rows)
+    trainer = build_trainer(model, tokenizer, training_args, rows, data_args.padding_free)
     return run_training(trainer, tokenizer, training_args, chat_template=template.to_jinja())
 
 

@@ -51,30 +51,38 @@ class Run:
 
 # Each run names the flag it is about, so a change of a stage's defaults does not change what is compared.
 # The first run of each stage tokenizes (the cache is emptied at start); the others start from the cache.
+PADDED = ("--padding_free", "False")  # the plain baseline: one document (or pair) per row, padded per batch
 RUNS = (
-    Run("pt packed", "pt", "LoRA, documents packed into rows", ("--packing", "True")),
-    Run("sft packed", "sft", "LoRA, dialogues packed into rows", ("--packing", "True")),
-    Run("dpo padded", "dpo", "LoRA, reference = adapter off; random batches", ("--group_by_length", "False")),
-    Run("pt padded", "pt", "LoRA, one document per row, padded", ("--packing", "False")),
-    Run("sft padded", "sft", "LoRA, one dialogue per row, padded", ("--packing", "False")),
+    Run("pt packed", "pt", "LoRA, documents packed into rows, attention per document", ("--packing", "True")),
+    Run("sft packed", "sft", "LoRA, dialogues packed into rows, attention per dialogue", ("--packing", "True")),
+    Run("dpo shared prompt", "dpo", "LoRA, reference = adapter off; padding-free, each prompt computed once",
+        ("--group_by_length", "False", "--padding_free", "True")),
+    Run("pt padded", "pt", "LoRA, one document per row, padded", ("--packing", "False", *PADDED)),
+    Run("sft padded", "sft", "LoRA, one dialogue per row, padded", ("--packing", "False", *PADDED)),
+    Run("sft padding-free", "sft", "LoRA, the batch's dialogues in one row, no padding (default)",
+        ("--packing", "False", "--padding_free", "True")),
     Run("sft full", "sft", "all parameters, packed", ("--packing", "True", "--use_peft", "False")),
     Run("sft checkpointing", "sft", "LoRA, packed, gradient checkpointing",
         ("--packing", "True", "--gradient_checkpointing", "True")),
-    Run("dpo grouped", "dpo", "LoRA; batches of similar length", ("--group_by_length", "True")),
-    Run("dpo reference copy", "dpo", "all parameters, frozen reference copy; random batches",
-        ("--group_by_length", "False", "--use_peft", "False")),
+    Run("dpo padded", "dpo", "LoRA, reference = adapter off; random batches, padded", ("--group_by_length", "False",
+                                                                                         *PADDED)),
+    Run("dpo grouped", "dpo", "LoRA; batches of similar length, padded", ("--group_by_length", "True", *PADDED)),
+    Run("dpo reference copy", "dpo", "all parameters, frozen reference copy; shared prompt",
+        ("--group_by_length", "False", "--padding_free", "True", "--use_peft", "False")),
 )
-SMOKE_RUNS = ("pt packed", "sft packed", "dpo padded")
+SMOKE_RUNS = ("pt packed", "sft packed", "dpo shared prompt")
 STAGE_BATCH_SIZE = {"pt": 4, "sft": 2, "dpo": 4}  # rows (DPO: pairs) per step, as in the run_*.sh scripts
 
 # (label, run, baseline run, target ratio of real tokens/s or None): read as "run vs baseline".
 COMPARISONS = (
     ("PT packed vs padded", "pt packed", "pt padded", None),
     ("SFT packed vs padded", "sft packed", "sft padded", 1.5),
+    ("SFT padding-free vs padded", "sft padding-free", "sft padded", None),
     ("SFT LoRA vs full", "sft packed", "sft full", None),
     ("SFT checkpointing off vs on", "sft packed", "sft checkpointing", None),
-    ("DPO grouped vs padded", "dpo grouped", "dpo padded", 1.5),
-    ("DPO LoRA reference vs reference copy", "dpo padded", "dpo reference copy", None),
+    ("DPO shared prompt vs padded", "dpo shared prompt", "dpo padded", 1.5),
+    ("DPO grouped vs padded", "dpo grouped", "dpo padded", None),
+    ("DPO LoRA reference vs reference copy", "dpo shared prompt", "dpo reference copy", None),
 )
 PT_MFU_TARGET = ("small", 0.30)  # PT MFU on the small model, as a share of the measured matmul peak
 
@@ -170,12 +178,18 @@ def training_figures(record: dict, metrics: dict, launch_time: float, shape, pas
     window_s = steps[-1][0] - steps[0][0]
     real_per_s = (fed - steps[0][2]) * (real / fed) / window_s  # real share of the tokens fed after step 1
     context = real / documents  # mean document length: what a token attends over in the FLOPs count
-    flops_per_token = shape.flops_per_token(context, passes)
+    # Work the run needs (medllm/flops.py): the head where the next token is a target; shared prompts once.
+    head_tokens = metrics.get("train_label_tokens", metrics.get("train_completion_tokens", real))
+    head_share, body_share = head_tokens / real, min(1.0, metrics.get("train_computed_per_real_token", 1.0))
+    flops_per_token = shape.flops_per_token(context, passes, head_share=head_share, body_share=body_share)
     memory = record.get("peak_cuda_mb", record["peak_rss_mb"])
     return {
         "real_tokens_per_second": round(real_per_s, 1),
         "fed_tokens_per_second": round((fed - steps[0][2]) / window_s, 1),
-        "pad_fraction": round(1 - real / fed, 4),
+        # The stage's own count where it computes fewer tokens than it is fed (DPO's shared prompts).
+        "pad_fraction": round(metrics.get("train_pad_fraction", 1 - real / fed), 4),
+        "computed_per_real_token": round(metrics.get("train_computed_per_real_token", fed / real), 3),
+        "head_share": round(head_share, 3),
         "startup_s": round(record["first_step_begin_time"] - launch_time, 2),
         "first_step_s": round(steps[0][0] - record["first_step_begin_time"], 3),
         "peak_memory_mb": round(memory, 1),
@@ -396,10 +410,11 @@ def tables(report: dict) -> str:
     if m.get("warning"):
         lines.append(f"\n**Warning**: {m['warning']}.")
     lines += markdown(
-        ["size", "run", "mode", "tokenization", "real tok/s", "pad %", "start→step 1 s", "step 1 s", "peak MB",
-         "MFU %"],
+        ["size", "run", "mode", "tokenization", "real tok/s", "pad %", "computed / real", "start→step 1 s",
+         "step 1 s", "peak MB", "MFU %"],
         [[r["size"], r["run"], r["mode"], r.get("tokenization", "-"), cell(r, "real_tokens_per_second", ".0f"),
-          cell(r, "pad_fraction", ".1f", 100), cell(r, "startup_s", ".1f"), cell(r, "first_step_s", ".2f"),
+          cell(r, "pad_fraction", ".1f", 100), cell(r, "computed_per_real_token", ".2f"), cell(r, "startup_s", ".1f"),
+          cell(r, "first_step_s", ".2f"),
           cell(r, "peak_memory_mb", ".0f"), cell(r, "mfu", ".1f", 100)] for r in results if r.get("stage")],
         text_columns=4)
     rows = []

@@ -136,6 +136,11 @@ class DataArguments:
                   "Default: on for pretraining; off for SFT, where the batch size then counts dialogues as in "
                   "the MedicalGPT family (packed rows of --model_max_length hold many dialogues each)."},
     )
+    padding_free: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Train on batches without padding: a batch's rows become one sequence in which each "
+                  "document attends to itself only (sdpa_varlen). Exact; default: on with sdpa attention."},
+    )
     train_on_inputs: bool = field(
         default=False, metadata={"help": "SFT: put loss on prompts and markup too, not only assistant replies."}
     )

@@ -3,6 +3,7 @@ trainer (real tokens per second, perplexity) and the train -> save -> evaluate s
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -10,7 +11,8 @@ from functools import partial
 from typing import Any, Optional
 
 from medllm.errors import MedLLMError
-from medllm.packing import CausalLMCollator, pack_documents, pack_examples, split_documents
+from medllm.packing import (IGNORE_INDEX, VARLEN_ATTENTION, CausalLMCollator, pack_documents, pack_examples,
+                            register_varlen_attention, split_documents)
 from medllm.training import (NonFiniteLossGuard, cached_map, default_cache_dir, default_callbacks,
                              tokenizer_fingerprint)
 
@@ -188,6 +190,7 @@ def _trainer_class():
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.real_tokens = 0  # this rank's training tokens that were not padding
+            self.label_tokens = 0  # of them, those whose next token is a loss target
             self._real_mark: tuple[int, Optional[float]] = (0, None)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -196,22 +199,25 @@ def _trainer_class():
                 if self._real_mark[1] is None:
                     self._real_mark = (self.real_tokens, time.perf_counter())
                 self.real_tokens += int(real)
+                targets = inputs.get("shift_labels", inputs["labels"][:, 1:])
+                self.label_tokens += int(targets.ne(IGNORE_INDEX).sum())
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
 
-        def _real_tokens_all_ranks(self) -> int:
+        def _real_tokens_all_ranks(self, count: Optional[int] = None) -> int:
+            count = self.real_tokens if count is None else count
             if self.args.world_size <= 1:
-                return self.real_tokens
+                return count
             import torch
 
-            count = torch.tensor([self.real_tokens], device=self.args.device)
-            return int(self.accelerator.gather(count).sum())
+            return int(self.accelerator.gather(torch.tensor([count], device=self.args.device)).sum())
 
         def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
             # Both kinds of log below happen on every rank at the same step, so the gather is safe.
             if "train_runtime" in logs:
                 total = self._real_tokens_all_ranks()
                 logs["train_real_tokens"] = total
+                logs["train_label_tokens"] = self._real_tokens_all_ranks(self.label_tokens)
                 logs["train_real_tokens_per_second"] = round(total / max(logs["train_runtime"], 1e-9), 1)
             elif "loss" in logs:
                 total, now = self._real_tokens_all_ranks(), time.perf_counter()
@@ -226,16 +232,34 @@ def _trainer_class():
     return CausalLMTrainer
 
 
-def build_trainer(model, tokenizer, training_args, rows: dict):
+def build_trainer(model, tokenizer, training_args, rows: dict, padding_free: Optional[bool] = None):
     """A Trainer over ``rows`` (from :func:`tokenize_pretrain` / :func:`tokenize_conversations`) with the
-    packing-aware collator for the model's attention implementation."""
+    packing-aware collator for the model's attention implementation.
+
+    ``padding_free`` (default: on where the model runs sdpa) switches the model to ``sdpa_varlen``: every
+    batch becomes one row without padding, attended document by document. The output head runs only where
+    there is a label, when the model's forward takes ``logits_to_keep``.
+    """
     training_args.remove_unused_columns = False  # the collator picks its inputs; 'length' feeds --group_by_length
     training_args.prediction_loss_only = True  # evaluation needs the loss, not every logit of the eval set
     if training_args.do_train and "train" not in rows:
         raise MedLLMError("--do_train needs training data (--train_file_dir).")
-    collator = CausalLMCollator(pad_token_id=tokenizer.pad_token_id,
-                                attn_implementation=model.config._attn_implementation,
-                                mask_dtype=getattr(model, "dtype", None))
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    attention = hf_model.config._attn_implementation
+    if padding_free is None:
+        padding_free = attention in ("sdpa", VARLEN_ATTENTION)
+    if padding_free and attention == "sdpa":
+        register_varlen_attention()
+        hf_model.set_attn_implementation(VARLEN_ATTENTION)
+        attention = hf_model.config._attn_implementation
+    elif padding_free and attention != VARLEN_ATTENTION:
+        logger.warning("--padding_free needs --attn_implementation sdpa; with %s batches are padded.", attention)
+    select_logits = "logits_to_keep" in inspect.signature(hf_model.forward).parameters
+    collator = CausalLMCollator(pad_token_id=tokenizer.pad_token_id, attn_implementation=attention,
+                                mask_dtype=getattr(model, "dtype", None), select_logits=select_logits)
+    logger.info("Batches: %s; output head on %s.",
+                "padding-free, attention per document" if attention == VARLEN_ATTENTION else f"{attention} attention",
+                "labelled positions only" if select_logits else "every position")
     return _trainer_class()(
         model=model, args=training_args, data_collator=collator, processing_class=tokenizer,
         callbacks=default_callbacks(),

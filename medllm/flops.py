@@ -8,6 +8,10 @@ biases or norms), plus ``4 L H d_head T`` for the attention scores and the weigh
 weights are trained in full or through LoRA (the backward pass through a frozen base still costs its
 activation gradients; LoRA's own small products are left out); DPO adds a forward pass of the reference
 model (4 passes). Recomputation by gradient checkpointing is not model FLOPs, so it lowers MFU.
+
+Work a run does not need is not model FLOPs either: the output head counts only for tokens whose next token
+is a label (``head_share``: SFT replies, DPO completions; about 1 in pretraining), and a DPO prompt that the
+chosen and rejected rows share counts once (``body_share``: computed tokens per real token, below 1).
 """
 
 from __future__ import annotations
@@ -50,14 +54,22 @@ class ModelShape:
         mlp = 3 * d * self.intermediate_size  # gate and up (fused in GLM as one 2*I-wide product) and down
         return self.num_layers * (attention + mlp) + d * self.vocab_size  # + output head
 
-    def forward_flops_per_token(self, context: float) -> float:
-        """Forward FLOPs of one token attending over ``context`` tokens (a multiply-add is 2 FLOPs)."""
-        attention = 4 * self.num_layers * self.num_heads * self.head_dim * context  # QK^T and AV, 2 each
-        return 2 * self.matmul_params + attention
+    @property
+    def head_params(self) -> int:
+        """Weights of the output head (part of :attr:`matmul_params`)."""
+        return self.hidden_size * self.vocab_size
 
-    def flops_per_token(self, context: float, passes: int = TRAIN_PASSES) -> float:
+    def forward_flops_per_token(self, context: float, head_share: float = 1.0, body_share: float = 1.0) -> float:
+        """Forward FLOPs of one token attending over ``context`` tokens (a multiply-add is 2 FLOPs); the layers
+        count ``body_share`` of the time and the output head ``head_share`` of the time (see the module doc)."""
+        attention = 4 * self.num_layers * self.num_heads * self.head_dim * context  # QK^T and AV, 2 each
+        body = self.matmul_params - self.head_params
+        return body_share * (2 * body + attention) + head_share * 2 * self.head_params
+
+    def flops_per_token(self, context: float, passes: int = TRAIN_PASSES, head_share: float = 1.0,
+                        body_share: float = 1.0) -> float:
         """FLOPs per token of ``passes`` forward-equivalents: 3 for training (6N + 12 L H d_head T), 4 for DPO."""
-        return passes * self.forward_flops_per_token(context)
+        return passes * self.forward_flops_per_token(context, head_share, body_share)
 
 
 def matmul_peak_flops(dtype: str = "auto", size: int = 0, repeats: int = 5, device: str = "auto") -> dict:

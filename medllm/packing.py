@@ -18,6 +18,72 @@ IGNORE_INDEX = -100  # label ignored by the loss (transformers' CrossEntropy ign
 # Attention implementations that isolate packed documents by position_ids without a mask (varlen kernels,
 # or transformers' own packed-sequence detection for flex attention); the others get a 4D mask.
 POSITION_ISOLATED = ("flash_attention_2", "flash_attention_3", "flex_attention")
+# sdpa run document by document over a padding-free batch (see register_varlen_attention).
+VARLEN_ATTENTION = "sdpa_varlen"
+
+
+def register_varlen_attention() -> None:
+    """Register ``sdpa_varlen`` with transformers: sdpa run segment by segment over a padding-free row.
+
+    A padding-free batch is one row holding every document of the batch, with ``cu_seq_lens_q`` (the
+    documents' start offsets and the total, as flash attention's varlen kernels take them). Each document
+    attends to itself through torch's causal sdpa: the same result as one document per row, without the
+    padding, and without computing the masked-out blocks a block-diagonal mask costs (which grow with the
+    square of the row). ``attention_segments`` (see :func:`segment_attention`) describes rows whose
+    segments also see a shared prefix, as DPO's chosen and rejected replies see their prompt. Inputs with
+    neither (generation, evaluation outside the trainer) get plain sdpa with its usual mask. The name never
+    reaches a saved config.json.
+    """
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                            cu_seq_lens_q=None, attention_segments=None, **kwargs):
+        if attention_segments is None and cu_seq_lens_q is not None:
+            bounds = cu_seq_lens_q.tolist()
+            attention_segments = [(start, end, ((start, end),)) for start, end in zip(bounds[:-1], bounds[1:])]
+        if attention_segments is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, is_causal=is_causal, **kwargs)
+        return segment_attention(sdpa_attention_forward, module, query, key, value, attention_segments,
+                                 dropout=dropout, scaling=scaling, **kwargs), None
+
+    def varlen_mask(*args, attention_mask=None, **kwargs):
+        # A padding-free batch (no 2D mask) needs none: its segments say what attends to what. Building the
+        # block-diagonal mask transformers would derive from the restarting position ids is skipped.
+        return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+    AttentionInterface.register(VARLEN_ATTENTION, sdpa_varlen_forward)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, varlen_mask)
+
+
+def segment_attention(attend, module, query, key, value, segments, **kwargs):
+    """Attention of one row ``[1, heads, tokens, dim]`` in segments; returns ``[1, tokens, heads, dim]``.
+
+    ``segments`` lists ``(query_start, query_end, key_ranges)`` in row order: the queries of
+    ``[query_start, query_end)`` see the keys of ``key_ranges`` (concatenated), the last range being the
+    segment itself, causally (the i-th query sees every key before the segment and the segment's first
+    i + 1). ``attend`` is transformers' ``sdpa_attention_forward``.
+    """
+    import torch
+
+    pieces = []
+    for query_start, query_end, key_ranges in segments:
+        if query_end <= query_start:
+            continue
+        q = query[:, :, query_start:query_end]
+        if len(key_ranges) == 1:
+            (key_start, key_end), = key_ranges
+            pieces.append(attend(module, q, key[:, :, key_start:key_end], value[:, :, key_start:key_end], None,
+                                 is_causal=True, **kwargs)[0])
+            continue
+        k = torch.cat([key[:, :, start:end] for start, end in key_ranges], dim=2)
+        v = torch.cat([value[:, :, start:end] for start, end in key_ranges], dim=2)
+        q_len, k_len = q.shape[2], k.shape[2]
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+        pieces.append(attend(module, q, k, v, mask[None, None], is_causal=False, **kwargs)[0])
+    return torch.cat(pieces, dim=1)
 
 
 def pack_documents(documents: Sequence[Sequence[int]], block_size: int) -> dict[str, list]:
@@ -106,10 +172,16 @@ def pack_examples(batch: dict[str, list], max_length: int) -> dict[str, list]:
 class CausalLMCollator:
     """Pad rows to the longest in the batch; build labels, position ids and the attention mask.
 
-    ``attn_implementation`` decides how packed documents are kept apart: ``sdpa`` gets a boolean
-    block-diagonal causal mask ``[batch, 1, q, k]`` (True = may attend), ``eager`` the same as an
-    additive float mask (0 / dtype-min) in ``mask_dtype``, and position-aware kernels (flash attention)
-    only the restarted ``position_ids``. Batches without packed rows get a plain 2D padding mask.
+    ``attn_implementation`` decides how packed documents are kept apart: ``sdpa_varlen`` gets the whole
+    batch as one padding-free row with ``cu_seq_lens_q`` (every row's documents, one after another);
+    ``sdpa`` a boolean block-diagonal causal mask ``[batch, 1, q, k]`` (True = may attend), ``eager``
+    the same as an additive float mask (0 / dtype-min) in ``mask_dtype``, and position-aware kernels
+    (flash attention) only the restarted ``position_ids``. Batches without packed rows get a plain 2D
+    padding mask.
+
+    With ``select_logits`` the batch also names the positions whose next token is a label
+    (``logits_to_keep``) and those labels (``shift_labels``): the model computes the output head and the
+    loss there only, e.g. on the replies of SFT dialogues instead of every token. The loss is the same.
 
     The batch also carries ``num_real_tokens`` (tokens that are not padding), which the trainer pops
     before the forward pass to report real tokens per second.
@@ -118,6 +190,7 @@ class CausalLMCollator:
     pad_token_id: int
     attn_implementation: str = "sdpa"
     mask_dtype: Any = None  # torch dtype of the additive mask (eager attention); default float32
+    select_logits: bool = False
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -142,15 +215,17 @@ class CausalLMCollator:
         starts = position_ids == 0
         labels[starts] = IGNORE_INDEX  # a document's first token is not predicted from the one before it
         real = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
+        if self.attn_implementation == VARLEN_ATTENTION:
+            return self._with_selected_logits(self._flattened(input_ids[real], labels[real], position_ids[real]))
         # A plain int: it stays on the host (no device sync to read it), the trainer pops it before the forward.
         batch: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "num_real_tokens": sum(lengths)}
         packed = bool((starts & real).sum(dim=1).gt(1).any())
         if not packed:
             batch["attention_mask"] = real.long()
-            return batch
+            return self._with_selected_logits(batch)
         batch["position_ids"] = position_ids
         if self.attn_implementation in POSITION_ISOLATED:
-            return batch
+            return self._with_selected_logits(batch)
         segments = starts.long().cumsum(dim=1)
         causal = torch.ones(longest, longest, dtype=torch.bool).tril()
         allowed = (segments[:, :, None] == segments[:, None, :]) & causal  # [batch, q, k]
@@ -160,5 +235,26 @@ class CausalLMCollator:
             batch["attention_mask"] = mask[:, None]
         else:
             batch["attention_mask"] = allowed[:, None]
+        return self._with_selected_logits(batch)
+
+    @staticmethod
+    def _flattened(input_ids, labels, position_ids) -> dict[str, Any]:
+        """One padding-free row of every real token, with the documents' start offsets (``sdpa_varlen``)."""
+        import torch
+
+        starts = torch.nonzero(position_ids == 0).squeeze(1)
+        bounds = torch.cat([starts, torch.tensor([len(input_ids)])]).to(torch.int32)
+        return {"input_ids": input_ids[None], "labels": labels[None], "position_ids": position_ids[None],
+                "cu_seq_lens_q": bounds, "num_real_tokens": len(input_ids)}
+
+    def _with_selected_logits(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if not self.select_logits:
+            return batch
+        import torch
+
+        targets = batch["labels"][:, 1:]  # position i predicts token i + 1
+        keep = torch.nonzero(targets.ne(IGNORE_INDEX).any(dim=0)).squeeze(1)  # shared by the rows of the batch
+        batch["logits_to_keep"] = keep
+        batch["shift_labels"] = targets[:, keep]
         return batch
 

@@ -21,6 +21,7 @@ full-parameter run keeps a frozen copy, or none with ``--precompute_ref_log_prob
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -32,7 +33,7 @@ from typing import Any, Optional, Sequence
 import torch
 from trl import DPOConfig, DPOTrainer
 
-from medllm.arguments import flag_given
+from medllm.arguments import DataArguments, flag_given
 from medllm.errors import MedLLMError
 from medllm.training import (NonFiniteLossGuard, cached_map, default_callbacks, fingerprint, peak_memory_mb,
                              tokenizer_fingerprint)
@@ -48,13 +49,16 @@ DEFAULT_LEARNING_RATE = {True: 5e-5, False: 5e-6}  # use_peft -> rate
 class DPOArguments(DPOConfig):
     """trl's DPOConfig (every DPO flag: --beta, --loss_type, --max_length, --precompute_ref_log_probs, ...).
 
-    Three changes: bf16 defaults on only where a CUDA GPU supports it (trl turns it on everywhere, which stops a
+    Four changes: bf16 defaults on only where a CUDA GPU supports it (trl turns it on everywhere, which stops a
     CPU run at start-up); several processes on a machine without an accelerator train on the CPU together
-    (without ``use_cpu`` each torchrun process would train alone on all the data); and ``trust_remote_code``
-    comes from ModelArguments (one flag, one place).
+    (without ``use_cpu`` each torchrun process would train alone on all the data); ``trust_remote_code``
+    comes from ModelArguments (one flag, one place); and ``--padding_free`` is the toolkit's (DataArguments:
+    on by default, exact on sdpa), which trl 1.16 has switched off in its own DPO.
     """
 
     trust_remote_code: bool = field(default=False, init=False)
+    padding_free: Optional[bool] = field(
+        default=None, metadata=next(f.metadata for f in dataclasses.fields(DataArguments) if f.name == "padding_free"))
 
     def __post_init__(self):
         if self.bf16 is None:
@@ -68,6 +72,7 @@ def apply_dpo_defaults(argv: Sequence[str], training_args, data_args, lora_args,
     """Defaults that depend on other flags: the learning rate (LoRA or full) and ``--max_length`` from the
     older ``--max_source_length`` + ``--max_target_length``. Flags given on the command line always win."""
     training_args.trust_remote_code = model_args.trust_remote_code
+    training_args.padding_free = False  # trl's own flag (disabled in trl 1.16); data_args.padding_free is ours
     if not flag_given(argv, "--learning_rate"):
         training_args.learning_rate = DEFAULT_LEARNING_RATE[bool(lora_args.use_peft)]
         logger.info("--learning_rate not given: %g for %s DPO.", training_args.learning_rate,
@@ -176,7 +181,7 @@ class DPOTrainerWithGuard(NonFiniteLossGuard, DPOTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._token_counts = [0, 0]  # [fed to the model, of them real (not padding)], training steps only
+        self._token_counts = [0, 0, 0]  # [computed by the model, real (no padding), completion], training only
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if "prompt_ids" in dataset.column_names:  # tokenized and cut by tokenize_preference_pairs
@@ -198,16 +203,27 @@ class DPOTrainerWithGuard(NonFiniteLossGuard, DPOTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
             mask = inputs["attention_mask"]
-            self._token_counts[0] += mask.numel()
-            self._token_counts[1] += int(mask.sum())
+            real = int(mask.sum())
+            unwrapped = self.accelerator.unwrap_model(model)
+            backbone = (unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped).base_model
+            if getattr(backbone, "medllm_shares_prefixes", False):  # padding-free, shared prompts computed once
+                computed = real - sum(common_prefix_lengths(inputs["input_ids"], mask))
+            else:
+                computed = mask.numel()
+            self._token_counts[0] += computed
+            self._token_counts[1] += real
+            self._token_counts[2] += int(inputs["completion_mask"].sum())
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def token_stats(self, runtime_s: float) -> dict[str, float]:
-        """Real (non-padding) tokens per second and the padded share of fed tokens, summed over processes."""
+        """Real tokens per second (chosen and rejected rows, prompts counted in both, no padding), the padded
+        share of computed tokens, and computed tokens per real token, summed over processes."""
         counts = torch.tensor(self._token_counts, dtype=torch.float64, device=self.accelerator.device)
-        fed, real = self.accelerator.reduce(counts, reduction="sum").tolist()
+        computed, real, completion = self.accelerator.reduce(counts, reduction="sum").tolist()
         return {"train_real_tokens_per_second": real / runtime_s if runtime_s else 0.0,
-                "train_pad_fraction": 1 - real / fed if fed else 0.0}
+                "train_pad_fraction": max(0.0, 1 - real / computed) if computed else 0.0,
+                "train_computed_per_real_token": computed / real if real else 0.0,
+                "train_completion_tokens": completion}
 
 
 def load_reference_model(model_args, lora_args, training_args, model_max_length: Optional[int]):
@@ -242,11 +258,104 @@ def score_only_completion_tokens_on_cpu() -> None:
     trl_utils._use_triton = compact  # read only for this choice in trl.trainer.utils (the kernels keep their own)
 
 
-def build_dpo_trainer(model, ref_model, tokenizer, training_args, datasets, fresh_adapter: bool) -> DPOTrainerWithGuard:
+def share_common_prefixes(causal_lm) -> None:
+    """Run each pair's common prefix (its prompt) once, in the backbone of ``causal_lm`` (sdpa_varlen only).
+
+    trl feeds the chosen rows of a batch, then the rejected rows, right-padded: ``[c_1 .. c_B; r_1 .. r_B]``.
+    The patched backbone lays every pair out once, padding-free, as ``prefix, rest of c_i, rest of r_i``, where
+    the rest of ``r_i`` sees the prefix and itself (not ``c_i``) and keeps its positions, and hands back hidden
+    states in trl's padded layout. Tokens of a common prefix have the same hidden states in both rows (causal
+    attention), so the loss is unchanged while DPO's prompt tokens, most of its input, are computed once.
+    Batches of another shape go through the backbone unchanged.
+    """
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    from medllm.packing import VARLEN_ATTENTION
+
+    backbone = causal_lm.base_model
+    if getattr(backbone, "medllm_shares_prefixes", False):
+        return
+    original = backbone.forward
+
+    @functools.wraps(original)
+    def forward(input_ids=None, attention_mask=None, **kwargs):
+        plain = (input_ids is None or attention_mask is None or input_ids.shape[0] % 2
+                 or causal_lm.config._attn_implementation != VARLEN_ATTENTION
+                 or any(kwargs.get(k) is not None for k in ("inputs_embeds", "position_ids", "past_key_values"))
+                 or kwargs.get("output_router_logits") or kwargs.get("output_hidden_states"))
+        layout = None if plain else _pair_layout(input_ids, attention_mask)
+        if layout is None:
+            return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        flat_ids, positions, segments, gather = layout
+        kwargs["use_cache"] = False
+        hidden = original(input_ids=flat_ids, position_ids=positions, attention_segments=segments,
+                          **kwargs).last_hidden_state[0]
+        hidden = torch.cat([hidden, hidden.new_zeros(1, hidden.shape[-1])])  # the last row stands for padding
+        return BaseModelOutputWithPast(last_hidden_state=hidden[gather].view(*input_ids.shape, -1))
+
+    backbone.forward = forward
+    backbone.medllm_shares_prefixes = True
+
+
+def common_prefix_lengths(input_ids, attention_mask) -> list[int]:
+    """Tokens that row i and row i + B (chosen and rejected of pair i) share from the start, for each pair."""
+    pairs = input_ids.shape[0] // 2
+    lengths = attention_mask.sum(dim=1)
+    steps = torch.arange(input_ids.shape[1], device=input_ids.device)
+    both = steps[None, :] < torch.minimum(lengths[:pairs], lengths[pairs:])[:, None]
+    return ((input_ids[:pairs] == input_ids[pairs:]) & both).long().cumprod(dim=1).sum(dim=1).tolist()
+
+
+def _pair_layout(input_ids, attention_mask):
+    """(ids [1, T], positions [1, T], attention segments, gather index [2B * L]) for a right-padded batch of
+    pairs, or None when the rows are not right-padded."""
+    rows, width = input_ids.shape
+    lengths = attention_mask.sum(dim=1)
+    if not torch.equal(attention_mask.bool(), torch.arange(width, device=input_ids.device)[None, :] < lengths[:, None]):
+        return None
+    pairs = rows // 2
+    prefixes, lengths, ids = common_prefix_lengths(input_ids, attention_mask), lengths.tolist(), input_ids.tolist()
+    flat_ids, positions, segments = [], [], []
+    gather = [[] for _ in range(rows)]
+    for pair, shared in enumerate(prefixes):
+        first, second = pair, pairs + pair
+        start, first_len, second_len = len(flat_ids), lengths[first], lengths[second]
+        second_start, second_end = start + first_len, start + first_len + second_len - shared
+        flat_ids += ids[first][:first_len] + ids[second][shared:second_len]
+        positions += [*range(first_len), *range(shared, second_len)]
+        # The first row attends causally to itself; the second row's own part to the shared prefix and itself.
+        segments += [(start, second_start, ((start, second_start),)),
+                     (second_start, second_end, ((start, start + shared), (second_start, second_end)))]
+        gather[first] = [*range(start, second_start)]
+        gather[second] = [*range(start, start + shared), *range(second_start, second_end)]
+    padding = len(flat_ids)  # padding reads the zero row after the last token
+    gather = [index for row in gather for index in row + [padding] * (width - len(row))]
+    device = input_ids.device
+    as_tensor = functools.partial(torch.tensor, dtype=torch.long, device=device)
+    return as_tensor([flat_ids]), as_tensor([positions]), segments, as_tensor(gather)
+
+
+def build_dpo_trainer(model, ref_model, tokenizer, training_args, datasets, fresh_adapter: bool,
+                      padding_free: Optional[bool] = None) -> DPOTrainerWithGuard:
     """Assemble the trainer. With a new LoRA adapter the reference is the base with the adapter disabled:
     trl copies the adapter as "ref" for any PeftModel it is given, which for a new (zero) adapter is the same
-    function at extra cost, so that copy is removed. A continued adapter (``--peft_path``) keeps it as reference."""
+    function at extra cost, so that copy is removed. A continued adapter (``--peft_path``) keeps it as reference.
+
+    ``padding_free`` (default: on where the model runs sdpa): batches are computed without padding and each
+    pair's prompt once (:func:`share_common_prefixes`), for the policy and a reference copy alike."""
+    from medllm.packing import VARLEN_ATTENTION, register_varlen_attention
+
     score_only_completion_tokens_on_cpu()
+    for causal_lm in (model.get_base_model() if hasattr(model, "get_base_model") else model, ref_model):
+        attention = None if causal_lm is None else causal_lm.config._attn_implementation
+        if attention is None or not (padding_free or (padding_free is None and attention == "sdpa")):
+            continue
+        if attention not in ("sdpa", VARLEN_ATTENTION):
+            logger.warning("--padding_free needs --attn_implementation sdpa; with %s batches are padded.", attention)
+            continue
+        register_varlen_attention()
+        causal_lm.set_attn_implementation(VARLEN_ATTENTION)
+        share_common_prefixes(causal_lm)
     trainer = DPOTrainerWithGuard(
         model=model,
         ref_model=ref_model,

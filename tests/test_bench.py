@@ -27,6 +27,9 @@ def test_flops_per_token_hand_count_tiny():
     assert shape.flops_per_token(256) == 3 * 3145728 == 9437184
     assert 9437184 == 6 * 1310720 + 12 * 4 * 4 * 32 * 256  # PaLM: 6N + 12 L H Q T
     assert shape.flops_per_token(256, passes=4) == 4 * 3145728  # DPO: + the reference model's forward
+    # The head only for 1 token in 4, the layers for 3 tokens in 5 (a shared prompt counted once):
+    body = 2 * 4 * per_layer + attention
+    assert shape.forward_flops_per_token(256, head_share=0.25, body_share=0.6) == 0.6 * body + 0.25 * 2 * head
 
 
 def test_matmul_params_equal_the_models_linear_weights(tiny_model_dir):
@@ -63,8 +66,19 @@ def test_training_figures_from_a_record():
     assert figures["flops_per_token"] == round(shape.flops_per_token(40.0))
     assert figures["model_flops_per_second"] == round(160.0 * shape.flops_per_token(40.0))
     assert figures["peak_memory_mb"] == 321.0
+    assert figures["computed_per_real_token"] == pytest.approx(1.25) and figures["head_share"] == 1.0
     dpo = training_figures(record, {"train_real_tokens_per_second": 240.0, "train_runtime": 2.0}, 98.0, shape, 4)
     assert dpo["pad_fraction"] == pytest.approx(0.2)  # DPO reports a rate: 240/s x 2 s = 480 real tokens
+    # DPO with shared prompts: 300 of the 480 real tokens computed, 120 of them completions (head).
+    shared = training_figures(record, {"train_real_tokens_per_second": 240.0, "train_runtime": 2.0,
+                                       "train_pad_fraction": 0.0, "train_computed_per_real_token": 0.625,
+                                       "train_completion_tokens": 120}, 98.0, shape, 4)
+    assert shared["pad_fraction"] == 0.0 and shared["computed_per_real_token"] == 0.625
+    assert shared["flops_per_token"] == round(shape.flops_per_token(40.0, 4, head_share=0.25, body_share=0.625))
+    # SFT: the head only where the next token is a label.
+    sft = training_figures(record, {"train_real_tokens": 480, "train_label_tokens": 96}, 98.0, shape, 3)
+    assert sft["head_share"] == pytest.approx(0.2)
+    assert sft["flops_per_token"] == round(shape.flops_per_token(40.0, head_share=0.2))
 
 
 def test_benchmark_callback_counts_rows_tokens_and_documents(tmp_path, monkeypatch):
@@ -119,10 +133,10 @@ def test_bench_smoke_reports_every_figure(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     report = json.loads((tmp_path / "bench.json").read_text())
     results = {r["run"]: r for r in report["results"]}
-    assert set(results) == {"pt packed", "sft packed", "dpo padded", "merge", "inference"}
+    assert set(results) == {"pt packed", "sft packed", "dpo shared prompt", "merge", "inference"}
     training = ("real_tokens_per_second", "fed_tokens_per_second", "pad_fraction", "startup_s", "first_step_s",
                 "peak_memory_mb", "flops_per_token", "model_flops_per_second", "mfu", "mean_document_tokens")
-    for name in ("pt packed", "sft packed", "dpo padded"):
+    for name in ("pt packed", "sft packed", "dpo shared prompt"):
         assert set(training) <= set(results[name]), results[name]
     assert {"wall_s", "peak_memory_mb"} <= set(results["merge"])
     assert {"tokens_per_second_batch1", "tokens_per_second_batch8", "time_to_first_token_s",
@@ -133,6 +147,7 @@ def test_bench_smoke_reports_every_figure(tmp_path):
         assert math.isfinite(value), path
         assert value >= 0 if path.endswith("/pad_fraction") else value > 0, (path, value)
     assert 0 < results["pt packed"]["mfu"] < 1 and results["pt packed"]["steps"] == 3
-    assert results["sft packed"]["pad_fraction"] < 1 and results["dpo padded"]["pad_fraction"] < 1
+    assert results["sft packed"]["pad_fraction"] == 0 and results["dpo shared prompt"]["pad_fraction"] == 0
+    assert results["dpo shared prompt"]["computed_per_real_token"] < 0.9  # the sample prompts are computed once
     assert results["pt packed"]["tokenization"] == "computed"  # the bench starts from an empty cache
     assert "| micro | pt packed |" in (tmp_path / "bench.md").read_text()

@@ -208,6 +208,63 @@ def test_short_run_learns_the_training_preferences(tmp_path, tiny_model_dir):
     assert len(history) == 10 and history[-1]["rewards/margins"] > 0
 
 
+def test_shared_prompt_backbone_gives_the_padded_log_probs_and_gradients(tiny_model_dir):
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from medllm.packing import VARLEN_ATTENTION, register_varlen_attention
+    from medllm.preference import _pair_layout, share_common_prefixes
+
+    torch.manual_seed(0)
+    padded = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    shared = copy.deepcopy(padded)
+    register_varlen_attention()
+    shared.set_attn_implementation(VARLEN_ATTENTION)
+    share_common_prefixes(shared)
+    for model in (padded, shared):
+        add_fused_lm_head(model)
+    # (prompt, chosen, rejected) lengths; the last pair's replies also share their first token, the third is equal
+    shapes = [(30, 10, 15), (50, 20, 3), (7, 4, 4), (12, 5, 9)]
+    rows, width = len(shapes), max(p + max(c, r) for p, c, r in shapes)
+    input_ids = torch.zeros(2 * rows, width, dtype=torch.long)
+    attention_mask, completion_mask = torch.zeros_like(input_ids), torch.zeros_like(input_ids)
+    for pair, (p, c, r) in enumerate(shapes):
+        prompt, chosen = torch.randint(5, 500, (p,)), torch.randint(5, 500, (c,))
+        rejected = chosen[:r] if pair == 2 else torch.randint(5, 500, (r,))
+        for row, reply in ((pair, chosen), (rows + pair, rejected)):
+            input_ids[row, :p + len(reply)] = torch.cat([prompt, reply])
+            attention_mask[row, :p + len(reply)] = 1
+            completion_mask[row, p:p + len(reply)] = 1
+    input_ids[rows + 3, 12] = input_ids[3, 12]
+    labels = input_ids.masked_fill(completion_mask == 0, -100)
+    outputs = [model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True,
+                     use_cache=False) for model in (padded, shared)]
+    assert (outputs[0].log_probs - outputs[1].log_probs).abs().max() < 1e-5
+    for output in outputs:
+        output.loss.backward()
+    assert max((a.grad - b.grad).abs().max().item() for a, b in zip(padded.parameters(), shared.parameters())) < 1e-6
+    flat_ids = _pair_layout(input_ids, attention_mask)[0]
+    assert flat_ids.shape[1] == sum(p + c + r for p, c, r in shapes) - 4 - 1  # the equal pair's reply once, + 1 token
+    assert _pair_layout(input_ids.flip(1), attention_mask.flip(1)) is None  # left padding: not this layout
+
+
+def test_padding_free_dpo_trains_as_the_padded_one(tmp_path, tiny_model_dir):
+    common = ["--model_name_or_path", tiny_model_dir, "--template_name", "glm4", "--train_file_dir", SAMPLE_PAIRS,
+              "--max_train_samples", "12", "--do_train", "--per_device_train_batch_size", "4", "--max_steps", "3",
+              "--learning_rate", "3e-3", "--logging_steps", "1", "--cache_dir", str(tmp_path / "cache")]
+    runs = {}
+    for padding_free in ("False", "True"):
+        metrics = train([*common, "--padding_free", padding_free, "--output_dir", str(tmp_path / padding_free)])
+        runs[padding_free] = ([entry["loss"] for entry in log_history(tmp_path / padding_free) if "loss" in entry],
+                              metrics)
+    assert runs["False"][0] == pytest.approx(runs["True"][0], abs=1e-4)
+    assert runs["False"][1]["train_pad_fraction"] > 0.05 and runs["True"][1]["train_pad_fraction"] == 0
+    assert runs["True"][1]["train_computed_per_real_token"] < 0.8  # each sample prompt computed once
+
+
 def test_command_line_of_the_issue_runs_as_written(tmp_path, tiny_model_dir):
     output = tmp_path / "glm4-dpo-v1"
     result = run_script(

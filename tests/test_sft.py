@@ -142,6 +142,43 @@ def test_packed_loss_equals_unpacked(tiny_model_dir, tokenizer, tmp_path, attn):
     assert abs(padded_loss - packed_loss) < 1e-4, (padded_loss, packed_loss)
 
 
+def test_padding_free_batch_gives_the_padded_loss_and_gradients(tiny_model_dir, tokenizer, tmp_path):
+    """One padding-free row (sdpa_varlen, the head only where there is a label) == one dialogue per padded row."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from medllm.data import find_data_files, parse_conversation_record, read_records
+    from medllm.packing import VARLEN_ATTENTION, CausalLMCollator, register_varlen_attention
+
+    records = read_records(find_data_files(str(REPO / "data" / "finetune")), parse_conversation_record, False)
+    conversations = [r["messages"] for r in records[-6:]]  # dialogues of several lengths, some multi-turn
+    unpacked = rows_for(conversations, tokenizer, tmp_path, packing=False)
+    packed = rows_for(conversations, tokenizer, tmp_path, packing=True, model_max_length=300)
+    assert len(packed) > 1 and len(set(unpacked["length"])) > 1
+    register_varlen_attention()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model.config.use_cache = False
+
+    def loss_and_grads(batch):
+        batch.pop("num_real_tokens")
+        model.zero_grad()
+        outputs = model(**batch)
+        outputs.loss.backward()
+        return outputs, outputs.loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    _, padded_loss, padded_grads = loss_and_grads(CausalLMCollator(tokenizer.pad_token_id, "sdpa")(list(unpacked)))
+    model.set_attn_implementation(VARLEN_ATTENTION)
+    targets = sum(sum(label != IGNORE for label in row["labels"][1:]) for row in unpacked)
+    for rows in (unpacked, packed):  # a batch of single dialogues, and of packed rows
+        batch = CausalLMCollator(tokenizer.pad_token_id, VARLEN_ATTENTION, select_logits=True)(list(rows))
+        assert batch["input_ids"].shape == (1, sum(unpacked["length"]))  # no padding at all
+        outputs, loss, grads = loss_and_grads(batch)
+        assert outputs.logits.shape[1] == targets  # the head ran on the reply tokens only
+        assert abs(loss - padded_loss) < 1e-5, (loss, padded_loss)
+        assert max((a - b).abs().max().item() for a, b in zip(grads, padded_grads)) < 1e-5
+
+
 # --------------------------------------------------------------------------- end to end
 
 def test_sft_learns_and_saves_the_chat_template(tiny_model_dir, tmp_path):
