@@ -282,14 +282,13 @@ def share_common_prefixes(causal_lm) -> None:
         plain = (input_ids is None or attention_mask is None or input_ids.shape[0] % 2
                  or causal_lm.config._attn_implementation != VARLEN_ATTENTION
                  or any(kwargs.get(k) is not None for k in ("inputs_embeds", "position_ids", "past_key_values"))
-                 or kwargs.get("output_router_logits") or kwargs.get("output_hidden_states"))
+                 or kwargs.get("use_cache") or kwargs.get("output_router_logits") or kwargs.get("output_hidden_states"))
         layout = None if plain else _pair_layout(input_ids, attention_mask)
         if layout is None:
             return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         flat_ids, positions, segments, gather = layout
-        kwargs["use_cache"] = False
         hidden = original(input_ids=flat_ids, position_ids=positions, attention_segments=segments,
-                          **kwargs).last_hidden_state[0]
+                          **{**kwargs, "use_cache": False}).last_hidden_state[0]
         hidden = torch.cat([hidden, hidden.new_zeros(1, hidden.shape[-1])])  # the last row stands for padding
         return BaseModelOutputWithPast(last_hidden_state=hidden[gather].view(*input_ids.shape, -1))
 
