@@ -64,7 +64,11 @@ merge_stage dpo "$OUT/sft-merged" "$OUT/dpo" "$OUT/dpo-merged"
 run_stage inference "$OUT/predictions.json" "$PYTHON" inference.py --base_model "$OUT/dpo-merged" \
   --template_name "$TEMPLATE" --data_file "$QUESTIONS" --output_file "$OUT/predictions.json" $INFERENCE_ARGS
 
-MODEL_PATHS="base=$MODEL,pt=$OUT/pt-merged,sft=$OUT/sft-merged,dpo=$OUT/dpo-merged" CMB_DATA_DIR="$CMB_DATA" \
+MODELS="base=$MODEL,pt=$OUT/pt-merged,sft=$OUT/sft-merged,dpo=$OUT/dpo-merged"
+MODEL_PATHS="$MODELS" CMB_DATA_DIR="$CMB_DATA" \
   WORK_DIR="$OUT/eval" run_stage eval "$OUT/eval/.done" bash -c './run_eval.sh && touch "$WORK_DIR/.done"'
+# The same questions as a cloze test (knowledge without the answer-letter skill; base models too).
+run_stage cloze "$OUT/cloze.json" "$PYTHON" -m medllm.cloze --models "$MODELS" --data_dir "$CMB_DATA" \
+  --output_file "$OUT/cloze.json"
 
 "$PYTHON" -m medllm.report --pipeline_dir "$OUT"

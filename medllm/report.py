@@ -73,33 +73,46 @@ def read_cmb(pipeline_dir: Path) -> dict[str, dict]:
         return {}
 
 
+def read_cloze(pipeline_dir: Path) -> dict[str, dict]:
+    """{model abbreviation: {"cmb": {"accuracy": ...}, "cmb_test": {...}}} from ``cloze.json`` (medllm.cloze)."""
+    path = pipeline_dir / "cloze.json"
+    if not path.is_file():
+        logger.warning("No cloze results at %s", path)
+        return {}
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def _fmt(value: Optional[float], digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
 def build_report(pipeline_dir: Path) -> str:
     """The report as Markdown."""
-    timings, cmb = read_timings(pipeline_dir), read_cmb(pipeline_dir)
+    timings, cmb, cloze = read_timings(pipeline_dir), read_cmb(pipeline_dir), read_cloze(pipeline_dir)
     header = ("| stage | train loss first → last | eval loss | perplexity | DPO reward acc | DPO margin "
-              "| CMB val acc | CMB held-out acc | wall time |")
-    rows = [header, "|" + "---|" * 9]
+              "| CMB val acc | CMB held-out acc | cloze val acc | cloze held-out acc | wall time |")
+    rows = [header, "|" + "---|" * 11]
     for name, label in STAGES:
         figures = training_figures(pipeline_dir / name) if label else {}
         scores = cmb.get(name, {})
+        knowledge = {split: (cloze.get(name, {}).get(split) or {}).get("accuracy") for split in ("cmb", "cmb_test")}
         loss = (f"{figures['loss_first']:.3f} → {figures['loss_last']:.3f}" if "loss_first" in figures else "—")
         seconds = timings.get(name, 0) + timings.get(f"merge-{name}", 0)
         rows.append(" | ".join([
             f"| {label or 'base (random init)'}", loss, _fmt(figures.get("eval_loss")),
             _fmt(figures.get("perplexity"), 1), _fmt(figures.get("rewards/accuracies"), 2),
             _fmt(figures.get("rewards/margins"), 2), _fmt(scores.get("cmb"), 1), _fmt(scores.get("cmb_test"), 1),
-            f"{seconds:.0f} s |" if seconds else "— |",
+            _fmt(knowledge["cmb"], 1), _fmt(knowledge["cmb_test"], 1), f"{seconds:.0f} s |" if seconds else "— |",
         ]))
     total = sum(timings.values())
     lines = ["# Pipeline report", "", *rows, "",
-             f"Total wall time: {total:.0f} s. CMB accuracy in percent (5 options: chance ≈ 20%; held-out = "
-             "questions phrased as in no training file).", "",
+             f"Total wall time: {total:.0f} s. Accuracy in percent (5 options: chance ≈ 20%; held-out = questions "
+             "phrased as in no training file). CMB: OpenCompass, the model answers with the option letter(s). "
+             "Cloze: the same single-answer questions, the option whose text the model finds most likely after "
+             "the question (`medllm/cloze.py`; knowledge without the letter skill, meaningful for the base "
+             "model too).", "",
              "Loss curves: `loss_curves.png`. Numbers come from each stage's `trainer_state.json`, the "
-             "OpenCompass summary csv under `eval/` and `timings.tsv`."]
+             "OpenCompass summary csv under `eval/`, `cloze.json` and `timings.tsv`."]
     return "\n".join(lines) + "\n"
 
 

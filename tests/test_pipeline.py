@@ -60,6 +60,10 @@ def test_report_numbers_come_from_the_logs(pipeline_run):
     assert set(scores) == {"base", "pt", "sft", "dpo"}
     dpo_row = next(line for line in report.splitlines() if line.startswith("| DPO (LoRA)"))
     assert f"{scores['dpo']['cmb']:.1f}" in dpo_row
+    cloze = json.loads((out / "cloze.json").read_text())
+    assert set(cloze) == {"base", "pt", "sft", "dpo"}
+    assert f"{cloze['dpo']['cmb_test']['accuracy']:.1f}" in dpo_row.split("|")[10]
+    assert cloze["dpo"]["cmb_test"]["questions"] + cloze["dpo"]["cmb_test"]["skipped"] == 100
 
 
 def test_rerun_reuses_finished_stages(pipeline_run, tiny_model_dir):
@@ -68,7 +72,7 @@ def test_rerun_reuses_finished_stages(pipeline_run, tiny_model_dir):
     result = subprocess.run(["bash", "run_pipeline.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0
-    for stage in ("pt", "merge-pt", "sft", "merge-sft", "dpo", "merge-dpo", "inference", "eval"):
+    for stage in ("pt", "merge-pt", "sft", "merge-sft", "dpo", "merge-dpo", "inference", "eval", "cloze"):
         assert f"[{stage}] reusing" in result.stdout
 
 
