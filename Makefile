@@ -30,7 +30,7 @@ $(EVAL_STAMP): requirements-eval.txt
 	EVAL_SETUP_ONLY=1 ./run_eval.sh
 
 models/tiny-glm4/config.json: | $(STAMP)
-	$(PY) -m medllm.tiny --output_dir models/tiny-glm4
+	$(PY) -m medllm.tiny --output_dir models/tiny-glm4 --terms_file data/vocab/medical_terms.txt
 
 tiny: models/tiny-glm4/config.json
 

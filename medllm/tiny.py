@@ -89,14 +89,37 @@ def corpus_texts(data_dir: Path) -> Iterator[str]:
                     yield from strings(json.loads(line))
 
 
-def build_tokenizer(arch: str, vocab_size: int, data_dir: Path):
-    """Train a byte-level BPE on the corpus and wrap it as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def read_terms(path: str | Path) -> list[str]:
+    """Domain terms, one a line (blank lines and ``#`` comments skipped)."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [t.strip() for t in lines if t.strip() and not t.lstrip().startswith("#")]
+
+
+def build_tokenizer(arch: str, vocab_size: int, data_dir: Path, terms: list[str] | None = None):
+    """Train a byte-level BPE on the corpus and wrap it as a transformers fast tokenizer.
+
+    ``terms`` (a domain vocabulary, e.g. disease and drug names) are cut out of the text before BPE, so each
+    one is tokenized the same way wherever it stands, not merged with its neighbours into context-dependent
+    pieces ("痔疮的首选检查是" / "肛门" "镜检查"); whitespace is cut off as well, so a term after a space (an
+    option "A. 肛门镜检查") gets the same tokens as in running text.
+    """
+    import re
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     spec = ARCHS[arch]
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if terms:
+        alternatives = "|".join(re.escape(t) for t in sorted(set(terms), key=lambda t: (-len(t), t)))
+        bpe.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(alternatives), behavior="isolated"),
+            pre_tokenizers.Split(Regex(r"\s+"), behavior="isolated"),
+            byte_level,
+        ])
+    else:
+        bpe.pre_tokenizer = byte_level
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=2, special_tokens=spec["specials"],
@@ -131,14 +154,14 @@ def build_config(arch: str, size: str, tokenizer):
 
 
 def build(output_dir: str, arch: str = "glm", size: str = "tiny", seed: int = 42,
-          data_dir: Path = REPO_DATA_DIR, vocab_size: int | None = None) -> str:
+          data_dir: Path = REPO_DATA_DIR, vocab_size: int | None = None, terms: list[str] | None = None) -> str:
     """Build tokenizer + random model into ``output_dir`` (written to a temporary folder, then renamed)."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     from medllm.modeling import make_portable
 
-    tokenizer = build_tokenizer(arch, vocab_size or SIZES[size]["vocab_size"], Path(data_dir))
+    tokenizer = build_tokenizer(arch, vocab_size or SIZES[size]["vocab_size"], Path(data_dir), terms)
     config = build_config(arch, size, tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -173,9 +196,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=42, help="Seed for the random weights.")
     parser.add_argument("--vocab_size", type=int, default=None, help="Tokenizer vocabulary (default: by size).")
     parser.add_argument("--data_dir", default=str(REPO_DATA_DIR), help="Text the tokenizer is trained on.")
+    parser.add_argument("--terms_file", default=None,
+                        help="Domain terms, one a line, that the tokenizer keeps whole (see build_tokenizer).")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    build(args.output_dir, args.arch, args.size, args.seed, Path(args.data_dir), args.vocab_size)
+    terms = read_terms(args.terms_file) if args.terms_file else None
+    build(args.output_dir, args.arch, args.size, args.seed, Path(args.data_dir), args.vocab_size, terms)
 
 
 if __name__ == "__main__":

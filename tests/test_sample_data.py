@@ -23,10 +23,11 @@ TRAIN_FILES = [
     "finetune/medical_sharegpt.jsonl",
     "finetune/medical_openai.jsonl",
     "finetune/cmb_style_mcq.jsonl",
+    "finetune/option_letter_drills.jsonl",
     "reward/medical_dpo.jsonl",
     "reward/medical_dpo_legacy.jsonl",
 ]
-ALL_FILES = TRAIN_FILES + ["cmb/val.json", "cmb/test.json", "README.md"]
+ALL_FILES = TRAIN_FILES + ["cmb/val.json", "cmb/test.json", "vocab/medical_terms.txt", "README.md"]
 CMB_KEYS = {"exam_type", "exam_class", "exam_subject", "question_type", "question", "option", "answer"}
 
 
@@ -122,22 +123,56 @@ def test_openai_sft():
         assert roles == ["user", "assistant"] * (len(roles) // 2) and roles
 
 
+def _options(prompt: str) -> dict[str, str]:
+    return {k: v.strip() for k, v in re.findall(r"^([A-E])\. (.+)$", prompt, flags=re.M)}
+
+
+def _mcq_reply_ok(prompt: str, reply: str) -> str:
+    """The letter(s) a CMB-prompt reply scores as; a text-then-letter reply must name that letter's option."""
+    if re.fullmatch(r"[A-E]+", reply):
+        return reply
+    text, letter = reply.rsplit("，", 1)
+    assert letter in "ABCDE" and len(letter) == 1, reply
+    assert _options(prompt)[letter] == text, (prompt, reply)
+    assert not any(ch.isupper() for ch in text), reply
+    return letter
+
+
 def test_cmb_style_mcq_sft():
     rows = _jsonl("finetune/cmb_style_mcq.jsonl")
-    assert len(rows) == 2000
+    assert len(rows) == 8000
+    singles = []
     for r in rows:
         conv = r["conversations"]
         assert [t["from"] for t in conv] == ["human", "gpt"]
-        prompt, ans = conv[0]["value"], conv[1]["value"]
+        prompt, reply = conv[0]["value"], conv[1]["value"]
         assert prompt.startswith("以下是中国医师考试中执业医师考试的一道")
         assert prompt.endswith(" \n 答案: ")
-        assert re.fullmatch(r"[A-E]+", ans) and list(ans) == sorted(set(ans))
+        ans = _mcq_reply_ok(prompt, reply)
+        assert score_answer(reply, ans)
+        assert list(ans) == sorted(set(ans))
         letters = re.findall(r"^([A-E])\. ", prompt, flags=re.M)
         assert letters == list("ABCDE")
         assert len(prompt) < 200
-    singles = [r["conversations"][1]["value"] for r in rows if len(r["conversations"][1]["value"]) == 1]
-    assert len(singles) == 1800
-    assert {x: singles.count(x) for x in "ABCDE"} == {x: 360 for x in "ABCDE"}
+        if "单项选择题" in prompt:
+            assert len(ans) == 1
+            singles.append(ans)
+    assert len(singles) == 7200
+    assert {x: singles.count(x) for x in "ABCDE"} == {x: 1440 for x in "ABCDE"}
+    assert sum("，" in r["conversations"][1]["value"] for r in rows) > 6000  # most name the option, then its letter
+
+
+def test_option_letter_drills():
+    rows = _jsonl("finetune/option_letter_drills.jsonl")
+    assert len(rows) == 4000
+    for r in rows:
+        conv = r["conversations"]
+        assert [t["from"] for t in conv] == ["human", "gpt"]
+        options = _options(conv[0]["value"])
+        assert list(options) == list("ABCDE")
+        pairs = [line.rsplit("，", 1) for line in conv[1]["value"].split("\n")]
+        assert sorted(letter for _, letter in pairs) == list("ABCDE")
+        assert all(options[letter] == text for text, letter in pairs)
 
 
 def test_dpo():
@@ -152,10 +187,13 @@ def test_dpo():
         if roles[0] == "system":
             roles = roles[1:]
         assert roles == ["human", "gpt"] * (len(roles) // 2) + ["human"]
-        if re.fullmatch(r"[A-E]+", r["chosen"]):
+        if conv[-1]["value"].startswith("以下是中国医师考试"):
             n_mcq += 1
             assert conv[-1]["value"].endswith(" \n 答案: ")
-            assert re.fullmatch(r"[A-E]+", r["rejected"])
+            prompt = conv[-1]["value"]
+            chosen = _mcq_reply_ok(prompt, r["chosen"])
+            assert re.fullmatch(r"[A-E]+", r["rejected"].rsplit("，", 1)[-1])
+            assert not score_answer(r["rejected"], chosen)
     assert n_mcq == 200
     assert any("自己多吃点抗生素" in r["rejected"] for r in rows)
 
@@ -208,7 +246,7 @@ def test_cmb_answers_match_knowledge_table(gen):
 
 # ------------------------------------------------------------------ held-out design
 def test_test_questions_are_held_out(gen):
-    train_text = "".join(_read(rel) for rel in TRAIN_FILES)
+    train_text = "".join(_read(rel) for rel in TRAIN_FILES + ["vocab/medical_terms.txt"])
     test_items = json.loads(_read("cmb/test.json"))
     for it in test_items:
         assert it["question"] not in train_text

@@ -8,10 +8,12 @@ check, first-line care, red flag) is rendered into every stage of the pipeline:
 * data/finetune/medical_sharegpt.jsonl      -- patient dialogues, ShareGPT layout (SFT)
 * data/finetune/medical_openai.jsonl        -- patient dialogues, OpenAI messages layout (SFT)
 * data/finetune/cmb_style_mcq.jsonl         -- MCQs rendered exactly as the OpenCompass CMB prompt (SFT)
+* data/finetune/option_letter_drills.jsonl  -- option lists whose reply names each option's letter (SFT)
 * data/reward/medical_dpo.jsonl             -- preference pairs, ShareGPT + chosen/rejected (DPO)
 * data/reward/medical_dpo_legacy.jsonl      -- preference pairs, legacy system/history layout (DPO)
 * data/cmb/val.json                         -- CMB-format eval items, TRAIN question phrasings
 * data/cmb/test.json                        -- CMB-format eval items, HELD-OUT question phrasings
+* data/vocab/medical_terms.txt              -- the table's terms, kept whole by the tiny model's tokenizer
 * data/README.md                            -- documentation with real examples
 
 Held-out design: ``HELDOUT_TEMPLATES`` are used only for data/cmb/test.json; none of their
@@ -470,8 +472,8 @@ def to_openai(turns: list[tuple[str, str]]) -> dict:
 
 
 # ---------------------------------------------------------------- MCQs
-def build_train_mcq(rng: random.Random, n_per_condition: int = 40) -> list[dict]:
-    kinds = SINGLE_KINDS * 6 + MULTI_KINDS * 2  # 36 single + 4 multi per condition
+def build_train_mcq(rng: random.Random, n_per_condition: int = 160) -> list[dict]:
+    kinds = SINGLE_KINDS * 6 + MULTI_KINDS * 2  # 36 single + 4 multi in every 40 items
     jobs = [(idx, kinds[j % len(kinds)]) for idx in range(len(CONDITIONS)) for j in range(n_per_condition)]
     n_single = sum(k in SINGLE_KINDS for _, k in jobs)
     letters = iter(_balanced_letters(rng, n_single))  # exactly balanced correct letters
@@ -507,9 +509,46 @@ def build_eval(rng: random.Random, templates: dict, n_single: int = 85, n_multi:
     return items
 
 
+MCQ_COT = True
+MCQ_SEP = "，"
+
+
+def mcq_reply(item: dict) -> str:
+    """The trained reply to an MCQ: for single choice the correct option's text, then its letter
+    (``肛门镜检查，D``), so that the letter is copied from the option the model has just named; the bare
+    letter(s) for multiple choice and where the text has upper-case letters (OpenCompass keeps every
+    upper-case character of a reply)."""
+    answer = item["answer"]
+    text = item["option"][answer] if len(answer) == 1 else ""
+    if not MCQ_COT or not text or any(ch.isupper() for ch in text):
+        return answer
+    return f"{text}{MCQ_SEP}{answer}"
+
+
 def mcq_sharegpt(item: dict) -> dict:
     return {"conversations": [{"from": "human", "value": _render_cmb_prompt(item)},
-                              {"from": "gpt", "value": item["answer"]}]}
+                              {"from": "gpt", "value": mcq_reply(item)}]}
+
+
+DRILL_PROMPT = "下面每个选项分别是哪个字母？\n{option_str}"
+
+
+def build_option_drills(rng: random.Random, n: int = 4000) -> list[dict]:
+    """Option-letter drills: an option list (as in an MCQ), the reply names every option's text with its letter
+    in random order (``肛门镜检查，D``): the text-to-letter lookup that ends an MCQ reply, five times an example."""
+    from medllm.cmb import option_str
+
+    kinds = SINGLE_KINDS + MULTI_KINDS
+    rows = []
+    for j in range(n):
+        kind = kinds[j % len(kinds)]
+        item = make_mcq(rng, rng.randrange(len(CONDITIONS)), kind, TRAIN_TEMPLATES[kind][0])
+        order = list(item["option"])
+        rng.shuffle(order)
+        reply = "\n".join(f"{item['option'][k]}{MCQ_SEP}{k}" for k in order)
+        rows.append({"conversations": [{"from": "human", "value": DRILL_PROMPT.format(option_str=option_str(item["option"]))},
+                                       {"from": "gpt", "value": reply}]})
+    return rows
 
 
 # ---------------------------------------------------------------- DPO
@@ -546,13 +585,19 @@ def build_dpo(rng: random.Random) -> tuple[list[dict], list[dict]]:
         idx = j % len(CONDITIONS)
         kind = kinds[j % len(kinds)]
         item = make_mcq(rng, idx, kind, rng.choice(TRAIN_TEMPLATES[kind]))
+        chosen = mcq_reply(item)
         if item["question_type"] == SINGLE:
-            rejected = rng.choice([x for x in LETTERS if x != item["answer"]])
+            wrong_letter = rng.choice([x for x in LETTERS if x != item["answer"]])
+            rejected = wrong_letter
+            if chosen != item["answer"]:  # text-then-letter reply: name a wrong option, or the right one but a wrong letter
+                wrong_text = item["option"][wrong_letter]
+                rejected = rng.choice([f"{wrong_text}{MCQ_SEP}{wrong_letter}",
+                                       f"{item['option'][item['answer']]}{MCQ_SEP}{wrong_letter}"])
         else:
             wrong_sets = [x for x in ("AB", "ABC", "BCD", "CDE", "ABE", "DE", "ACE") if x != item["answer"]]
             rejected = rng.choice(wrong_sets)
         rows.append({"conversations": [{"from": "human", "value": _render_cmb_prompt(item)}],
-                     "chosen": item["answer"], "rejected": rejected})
+                     "chosen": chosen, "rejected": rejected})
     rng.shuffle(rows)
 
     legacy = []
@@ -576,6 +621,17 @@ def build_dpo(rng: random.Random) -> tuple[list[dict], list[dict]]:
                            "response_chosen": chosen, "response_rejected": rejected})
     rng.shuffle(legacy)
     return rows, legacy
+
+
+# ---------------------------------------------------------------- tokenizer vocabulary
+def build_terms() -> list[str]:
+    """The knowledge table's terms (names, departments, symptoms, checks, cares, red flags), table order."""
+    terms: list[str] = []
+    for c in CONDITIONS:
+        for t in [c["name"], c["dept"], *c["symptoms"], *(c[f] for f in FACT_FIELDS)]:
+            if t not in terms:
+                terms.append(t)
+    return terms
 
 
 # ---------------------------------------------------------------- writing
@@ -653,11 +709,23 @@ assistant (SFT) or with the user (DPO prompts).
 ```
 
 `finetune/cmb_style_mcq.jsonl` -- ShareGPT, single turn, no system: the human turn is
-rendered exactly as the OpenCompass CMB prompt (`medllm.cmb.render_cmb_prompt`) and the
-gpt turn is only the answer letter(s), e.g. `C` or `ABD`:
+rendered exactly as the OpenCompass CMB prompt (`medllm.cmb.render_cmb_prompt`), every
+item with freshly sampled distractors and option order. For single choice the gpt turn names
+the correct option's text and then its letter (`肛门镜检查，D`: the letter is copied from the
+option just named); for multiple choice, and where the option text has upper-case letters, it is
+only the letter(s), e.g. `C` or `ABD`. OpenCompass keeps the upper-case characters of a reply, so
+both score as the letter(s):
 
 ```json
 {_ex(ex['mcq'])}
+```
+
+`finetune/option_letter_drills.jsonl` -- ShareGPT, single turn: an option list as in an MCQ and
+a reply that gives every option's text with its letter, in random order (the text-to-letter
+lookup that ends an MCQ reply, five times per example):
+
+```json
+{_ex(ex['drill'])}
 ```
 
 ## Preference data (DPO)
@@ -665,7 +733,8 @@ gpt turn is only the answer letter(s), e.g. `C` or `ABD`:
 `reward/medical_dpo.jsonl` -- ShareGPT prompt turns (optional system, earlier human/gpt
 turns, last turn is human) plus `chosen` / `rejected` strings. Text pairs reject facts of
 another condition or unsafe advice; about half are CMB-prompt MCQs whose `chosen` is the
-correct letter(s) and `rejected` a wrong one:
+reply of `cmb_style_mcq.jsonl` and `rejected` a wrong letter, a wrong option's text and letter,
+or the right text with a wrong letter:
 
 ```json
 {_ex(ex['dpo'])}
@@ -680,6 +749,14 @@ correct letter(s) and `rejected` a wrong one:
 ```json
 {_ex(ex['legacy'])}
 ```
+
+## Tokenizer vocabulary
+
+`vocab/medical_terms.txt` -- the knowledge table's terms (names, departments, symptoms,
+checks, treatments, red flags), one a line. `python -m medllm.tiny --terms_file` keeps each
+one a whole token wherever it stands (running text, an option after `A. `, a question), so
+what PT and the dialogues teach about a term is about the same tokens the MCQ options use.
+No stage trains on this file.
 
 ## CMB evaluation
 
@@ -706,7 +783,7 @@ reply must equal `answer` (so `C. ACE抑制剂` is wrong, `C` is right).
 - `val.json` uses the TRAIN question phrasings (the same ones used in `finetune/cmb_style_mcq.jsonl`
   and `reward/`), with freshly sampled distractors and option orders.
 - `test.json` asks about the same facts with HELD-OUT phrasings that never appear in
-  `pretrain/`, `finetune/` or `reward/` (checked by the generator and by the tests), so test
+  `pretrain/`, `finetune/`, `reward/` or `vocab/` (checked by the generator and by the tests), so test
   accuracy measures learned knowledge rather than copied questions. Chance is 20% for
   single-choice items.
 
@@ -734,9 +811,11 @@ def generate(output_dir: str, seed: int = 42) -> dict[str, str]:
     openai = [to_openai(t) for t in build_dialogues(rng)[:150]]
     mcq_items = build_train_mcq(rng)
     mcq = [mcq_sharegpt(it) for it in mcq_items]
+    drills = build_option_drills(rng)
     dpo, legacy = build_dpo(rng)
-    val = build_eval(rng, TRAIN_TEMPLATES)
-    test = build_eval(rng, HELDOUT_TEMPLATES)
+    eval_rng = random.Random(seed + 1)  # own stream: the eval sets do not move when training data changes
+    val = build_eval(eval_rng, TRAIN_TEMPLATES)
+    test = build_eval(eval_rng, HELDOUT_TEMPLATES)
 
     files = {
         "pretrain/encyclopedia.txt": "".join(t + "\n" for t in txt),
@@ -744,20 +823,24 @@ def generate(output_dir: str, seed: int = 42) -> dict[str, str]:
         "finetune/medical_sharegpt.jsonl": _jsonl(sharegpt),
         "finetune/medical_openai.jsonl": _jsonl(openai),
         "finetune/cmb_style_mcq.jsonl": _jsonl(mcq),
+        "finetune/option_letter_drills.jsonl": _jsonl(drills),
         "reward/medical_dpo.jsonl": _jsonl(dpo),
         "reward/medical_dpo_legacy.jsonl": _jsonl(legacy),
         "cmb/val.json": _json(val),
         "cmb/test.json": _json(test),
+        "vocab/medical_terms.txt": "".join(t + "\n" for t in build_terms()),
     }
     counts = {
         "pretrain/encyclopedia.txt": len(txt), "pretrain/encyclopedia.jsonl": len(jl),
         "finetune/medical_sharegpt.jsonl": len(sharegpt), "finetune/medical_openai.jsonl": len(openai),
-        "finetune/cmb_style_mcq.jsonl": len(mcq), "reward/medical_dpo.jsonl": len(dpo),
+        "finetune/cmb_style_mcq.jsonl": len(mcq), "finetune/option_letter_drills.jsonl": len(drills),
+        "reward/medical_dpo.jsonl": len(dpo),
         "reward/medical_dpo_legacy.jsonl": len(legacy), "cmb/val.json": len(val), "cmb/test.json": len(test),
+        "vocab/medical_terms.txt": len(build_terms()),
     }
 
     # held-out guarantee: no test question nor held-out template fragment in training text
-    train_text = "".join(v for k, v in files.items() if k.split("/")[0] in ("pretrain", "finetune", "reward"))
+    train_text = "".join(v for k, v in files.items() if k.split("/")[0] in ("pretrain", "finetune", "reward", "vocab"))
     for frag in heldout_fragments():
         assert frag not in train_text, f"held-out fragment leaked into training data: {frag}"
     for it in test:
@@ -771,7 +854,9 @@ def generate(output_dir: str, seed: int = 42) -> dict[str, str]:
         "openai": openai[0],
         "mcq": mcq[0],
         "dpo": next(r for r in dpo if len(r["conversations"]) > 1),
-        "dpo_mcq": next(r for r in dpo if r["chosen"] in ("A", "B", "C", "D", "E")),
+        "dpo_mcq": next(r for r in dpo if r["conversations"][-1]["value"].startswith("以下是中国")
+                        and not re.fullmatch(r"[A-E]+", r["chosen"])),
+        "drill": drills[0],
         "legacy": next(r for r in legacy if r["history"]),
         "cmb": test[0],
         "cmb_prompt": _render_cmb_prompt(test[0]),
