@@ -40,8 +40,13 @@ def register_varlen_attention() -> None:
 
     def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                             cu_seq_lens_q=None, attention_segments=None, **kwargs):
-        if attention_segments is None and cu_seq_lens_q is not None:
+        if query.shape[0] == 1 and query.shape[2] == key.shape[2] and attention_segments is None \
+                and cu_seq_lens_q is not None:
             bounds = cu_seq_lens_q.tolist()
+            lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+            if len(lengths) * max(lengths) ** 2 <= 2 * sum(n * n for n in lengths):  # similar lengths: one call
+                return documents_as_batch(sdpa_attention_forward, module, query, key, value, cu_seq_lens_q,
+                                          max(lengths), dropout=dropout, scaling=scaling, **kwargs), None
             attention_segments = [(start, end, ((start, end),)) for start, end in zip(bounds[:-1], bounds[1:])]
         if attention_segments is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
@@ -56,6 +61,29 @@ def register_varlen_attention() -> None:
 
     AttentionInterface.register(VARLEN_ATTENTION, sdpa_varlen_forward)
     AttentionMaskInterface.register(VARLEN_ATTENTION, varlen_mask)
+
+
+def documents_as_batch(attend, module, query, key, value, bounds, longest: int, **kwargs):
+    """Causal attention of each document of one row ``[1, heads, tokens, dim]``, as one batch of documents.
+
+    The documents (``bounds``: their start offsets and the total) become the rows of a right-padded batch, so one
+    causal sdpa call serves them all: a real query never sees the padding, which comes after it. Returns
+    ``[1, tokens, heads, dim]``. Worth it when the documents have similar lengths (little padded attention).
+    """
+    import torch
+
+    starts, lengths = bounds[:-1].long(), (bounds[1:] - bounds[:-1]).long()
+    steps = torch.arange(longest, device=query.device)
+    real = steps[None, :] < lengths[:, None]  # [documents, longest]
+    total = query.shape[2]
+    index = torch.where(real, starts[:, None] + steps[None, :], total)  # padding reads a zero row after the end
+
+    def as_batch(states):  # [1, heads, tokens, dim] -> [documents, heads, longest, dim]
+        padded = torch.cat([states[0], states.new_zeros(states.shape[1], 1, states.shape[3])], dim=1)
+        return padded[:, index].transpose(0, 1)
+
+    output = attend(module, as_batch(query), as_batch(key), as_batch(value), None, is_causal=True, **kwargs)[0]
+    return output[real][None]  # [documents, longest, heads, dim] -> the real tokens, in row order
 
 
 def segment_attention(attend, module, query, key, value, segments, **kwargs):

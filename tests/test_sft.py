@@ -179,6 +179,31 @@ def test_padding_free_batch_gives_the_padded_loss_and_gradients(tiny_model_dir, 
         assert max((a - b).abs().max().item() for a, b in zip(grads, padded_grads)) < 1e-5
 
 
+@pytest.mark.parametrize("lengths", [[30, 28, 35, 31], [120, 5, 9, 3, 40]])  # one batched call; one call each
+def test_varlen_attention_equals_each_document_alone(lengths):
+    import types
+
+    import torch
+    from transformers import AttentionInterface
+
+    from medllm.packing import VARLEN_ATTENTION, register_varlen_attention
+
+    register_varlen_attention()
+    attend = AttentionInterface()[VARLEN_ATTENTION]
+    module = types.SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
+    torch.manual_seed(0)
+    total = sum(lengths)
+    query, key, value = torch.randn(1, 4, total, 8), torch.randn(1, 2, total, 8), torch.randn(1, 2, total, 8)
+    bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    output, _ = attend(module, query, key, value, None, scaling=0.35, cu_seq_lens_q=bounds)
+    assert output.shape == (1, total, 4, 8)
+    for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        alone = torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, start:end], key[:, :, start:end].repeat_interleave(2, 1),
+            value[:, :, start:end].repeat_interleave(2, 1), is_causal=True, scale=0.35)
+        assert torch.allclose(output[0, start:end], alone[0].transpose(0, 1), atol=1e-5)
+
+
 # --------------------------------------------------------------------------- end to end
 
 def test_sft_learns_and_saves_the_chat_template(tiny_model_dir, tmp_path):
