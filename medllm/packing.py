@@ -27,9 +27,9 @@ def register_varlen_attention() -> None:
 
     A padding-free batch is one row holding every document of the batch, with ``cu_seq_lens_q`` (the
     documents' start offsets and the total, as flash attention's varlen kernels take them). Each document
-    attends to itself through torch's causal sdpa: the same result as one document per row, without the
-    padding, and without computing the masked-out blocks a block-diagonal mask costs (which grow with the
-    square of the row). ``attention_segments`` (see :func:`segment_attention`) describes rows whose
+    attends to itself through torch's causal sdpa (documents of similar length in one batched call, see
+    :func:`documents_as_batch`): the same result as one document per row, without the padding, and without
+    computing the masked-out blocks a block-diagonal mask costs (which grow with the square of the row). ``attention_segments`` (see :func:`segment_attention`) describes rows whose
     segments also see a shared prefix, as DPO's chosen and rejected replies see their prompt. Inputs with
     neither (generation, evaluation outside the trainer) get plain sdpa with its usual mask. The name never
     reaches a saved config.json.
@@ -40,15 +40,15 @@ def register_varlen_attention() -> None:
 
     def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                             cu_seq_lens_q=None, attention_segments=None, **kwargs):
-        if query.shape[0] == 1 and query.shape[2] == key.shape[2] and attention_segments is None \
-                and cu_seq_lens_q is not None:
+        one_row = query.shape[0] == 1 and query.shape[2] == key.shape[2]  # a padding-free training row
+        if one_row and attention_segments is None and cu_seq_lens_q is not None:
             bounds = cu_seq_lens_q.tolist()
             lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
             if len(lengths) * max(lengths) ** 2 <= 2 * sum(n * n for n in lengths):  # similar lengths: one call
                 return documents_as_batch(sdpa_attention_forward, module, query, key, value, cu_seq_lens_q,
                                           max(lengths), dropout=dropout, scaling=scaling, **kwargs), None
             attention_segments = [(start, end, ((start, end),)) for start, end in zip(bounds[:-1], bounds[1:])]
-        if attention_segments is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        if not one_row or attention_segments is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, is_causal=is_causal, **kwargs)
         return segment_attention(sdpa_attention_forward, module, query, key, value, attention_segments,
