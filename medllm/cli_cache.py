@@ -26,7 +26,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets")
 FORMAT = 1
 
-_script: Optional[Path] = None  # the stage script run_cli is running; None: no caching (e.g. in-process tests)
+# Where the running stage script's parser is saved, set by check(); None: no caching (e.g. in-process tests).
+_target: Optional[Path] = None
 
 
 def cache_dir() -> Path:
@@ -71,10 +72,10 @@ def _describe(action: argparse.Action) -> dict:
 
 def save(parser: argparse.ArgumentParser) -> None:
     """Save ``parser``'s options for the running stage script (no-op outside ``run_cli``)."""
-    if _script is None:
+    target = _target
+    if target is None:
         return
     try:
-        target = _cache_file(_script)
         if target.exists():
             return
         spec = {
@@ -137,13 +138,13 @@ def check(argv: list[str]) -> None:
 
     Also marks the running script so that :func:`save` writes its parser on the first full parse.
     """
-    global _script
+    global _target
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
     if not main_file or Path(main_file).resolve().parent != PACKAGE_DIR.parent:
         return  # only the toolkit's own stage scripts
-    _script = Path(main_file).resolve()
     try:
-        spec = json.loads(_cache_file(_script).read_text(encoding="utf-8"))
+        _target = _cache_file(Path(main_file).resolve())  # the source hash is read once per process
+        spec = json.loads(_target.read_text(encoding="utf-8"))
         parser = _rebuild(spec)
     except (OSError, ValueError, KeyError, TypeError, argparse.ArgumentError):
         return  # no usable cache: the full parser answers

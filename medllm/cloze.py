@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 from medllm.evaluation import read_cmb_split
@@ -75,20 +74,16 @@ def cloze_accuracy(model_dir: str, data_dir: str) -> dict[str, dict]:
 
 
 def main(argv: list[str]) -> None:
-    from medllm.errors import MedLLMError, setup_logging
+    from medllm.evaluation import models_from_env
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", required=True, help="abbr=folder,abbr=folder,... (or one folder)")
+    parser.add_argument("--models", required=True, help="abbr=folder,abbr=folder,... (or one folder), as "
+                        "run_eval.sh's MODEL_PATHS; a relative folder is taken from the repo root")
     parser.add_argument("--data_dir", default="data/cmb", help="Folder with CMB val.json and test.json.")
     parser.add_argument("--output_file", default=None, help="Write {abbr: {cmb: ..., cmb_test: ...}} as JSON.")
     args = parser.parse_args(argv)
-    setup_logging()
-    models = [entry.split("=", 1) if "=" in entry else (Path(entry).name, entry) for entry in args.models.split(",")]
-    try:
-        report = {abbr: cloze_accuracy(folder, args.data_dir) for abbr, folder in models}
-    except (MedLLMError, OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    models = models_from_env({"MODEL_PATHS": args.models})
+    report = {abbr: cloze_accuracy(folder, args.data_dir) for abbr, folder in models}
     text = json.dumps(report, indent=1, ensure_ascii=False)
     if args.output_file:
         Path(args.output_file).parent.mkdir(parents=True, exist_ok=True)
@@ -97,4 +92,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from medllm.errors import run_cli
+
+    run_cli(main)
