@@ -455,7 +455,7 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--runs", default=None, help="Comma-separated run names (default: all; --smoke: "
                         f"{','.join(SMOKE_RUNS)}). Names: {', '.join(r.name for r in RUNS)}.")
     parser.add_argument("--steps", type=int, default=None,
-                        help="Optimizer steps per run; the first is not timed (default 10; --smoke 3).")
+                        help="Optimizer steps per run; the first is not timed (default 30; --smoke 3).")
     parser.add_argument("--batch_size", type=int, default=None,
                         help="Rows per step (default: PT 4, SFT 2, DPO 4 pairs as in run_*.sh; --smoke 2).")
     parser.add_argument("--max_length", type=int, default=None,
@@ -499,7 +499,7 @@ def resolve(args: argparse.Namespace, cuda: bool) -> tuple[list[str], list[Run],
     runs = [r for r in RUNS if r.name in names]
     if len(runs) != len(set(names)):
         raise SystemExit(f"error: --runs: unknown name(s); choose from {', '.join(r.name for r in RUNS)}")
-    settings = Settings(steps=args.steps or (3 if args.smoke else 10),
+    settings = Settings(steps=args.steps or (3 if args.smoke else 30),
                         batch_size=args.batch_size or (2 if args.smoke else None),
                         max_length=args.max_length or (128 if args.smoke else 512),
                         new_tokens=args.new_tokens or (8 if args.smoke else 64),

@@ -23,16 +23,15 @@ VARLEN_ATTENTION = "sdpa_varlen"
 
 
 def register_varlen_attention() -> None:
-    """Register ``sdpa_varlen`` with transformers: sdpa run segment by segment over a padding-free row.
+    """Register ``sdpa_varlen`` with transformers: sdpa over the segments of a padding-free row.
 
     A padding-free batch is one row holding every document of the batch, with ``cu_seq_lens_q`` (the
     documents' start offsets and the total, as flash attention's varlen kernels take them). Each document
-    attends to itself through torch's causal sdpa (documents of similar length in one batched call, see
-    :func:`documents_as_batch`): the same result as one document per row, without the padding, and without
-    computing the masked-out blocks a block-diagonal mask costs (which grow with the square of the row). ``attention_segments`` (see :func:`segment_attention`) describes rows whose
-    segments also see a shared prefix, as DPO's chosen and rejected replies see their prompt. Inputs with
-    neither (generation, evaluation outside the trainer) get plain sdpa with its usual mask. The name never
-    reaches a saved config.json.
+    attends to itself, causally: the same result as one document per row, without the padding, and without
+    computing the masked-out blocks a block-diagonal mask costs (which grow with the square of the row).
+    ``attention_segments`` (an :class:`AttentionPlan`) describes rows whose segments also see a shared prefix, as
+    DPO's rejected replies see their prompt. Inputs with neither (generation, evaluation outside the trainer)
+    get plain sdpa with its usual mask. The name never reaches a saved config.json.
     """
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -41,18 +40,14 @@ def register_varlen_attention() -> None:
     def sdpa_varlen_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                             cu_seq_lens_q=None, attention_segments=None, **kwargs):
         one_row = query.shape[0] == 1 and query.shape[2] == key.shape[2]  # a padding-free training row
-        if one_row and attention_segments is None and cu_seq_lens_q is not None:
-            bounds = cu_seq_lens_q.tolist()
-            lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
-            if len(lengths) * max(lengths) ** 2 <= 2 * sum(n * n for n in lengths):  # similar lengths: one call
-                return documents_as_batch(sdpa_attention_forward, module, query, key, value, cu_seq_lens_q,
-                                          max(lengths), dropout=dropout, scaling=scaling, **kwargs), None
-            attention_segments = [(start, end, ((start, end),)) for start, end in zip(bounds[:-1], bounds[1:])]
-        if not one_row or attention_segments is None:
+        plan = attention_segments
+        if one_row and plan is None and cu_seq_lens_q is not None:
+            plan = AttentionPlan.for_documents(cu_seq_lens_q)
+        if not one_row or plan is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, is_causal=is_causal, **kwargs)
-        return segment_attention(sdpa_attention_forward, module, query, key, value, attention_segments,
-                                 dropout=dropout, scaling=scaling, **kwargs), None
+        return plan.attend(sdpa_attention_forward, module, query, key, value, dropout=dropout, scaling=scaling,
+                           **kwargs), None
 
     def varlen_mask(*args, attention_mask=None, **kwargs):
         # A padding-free batch (no 2D mask) needs none: its segments say what attends to what. Building the
@@ -63,55 +58,104 @@ def register_varlen_attention() -> None:
     AttentionMaskInterface.register(VARLEN_ATTENTION, varlen_mask)
 
 
-def documents_as_batch(attend, module, query, key, value, bounds, longest: int, **kwargs):
-    """Causal attention of each document of one row ``[1, heads, tokens, dim]``, as one batch of documents.
-
-    The documents (``bounds``: their start offsets and the total) become the rows of a right-padded batch, so one
-    causal sdpa call serves them all: a real query never sees the padding, which comes after it. Returns
-    ``[1, tokens, heads, dim]``. Worth it when the documents have similar lengths (little padded attention).
-    """
-    import torch
-
-    starts, lengths = bounds[:-1].long(), (bounds[1:] - bounds[:-1]).long()
-    steps = torch.arange(longest, device=query.device)
-    real = steps[None, :] < lengths[:, None]  # [documents, longest]
-    total = query.shape[2]
-    index = torch.where(real, starts[:, None] + steps[None, :], total)  # padding reads a zero row after the end
-
-    def as_batch(states):  # [1, heads, tokens, dim] -> [documents, heads, longest, dim]
-        padded = torch.cat([states[0], states.new_zeros(states.shape[1], 1, states.shape[3])], dim=1)
-        return padded[:, index].transpose(0, 1)
-
-    output = attend(module, as_batch(query), as_batch(key), as_batch(value), None, is_causal=True, **kwargs)[0]
-    return output[real][None]  # [documents, longest, heads, dim] -> the real tokens, in row order
-
-
-def segment_attention(attend, module, query, key, value, segments, **kwargs):
-    """Attention of one row ``[1, heads, tokens, dim]`` in segments; returns ``[1, tokens, heads, dim]``.
+class AttentionPlan:
+    """What each query of one padding-free row attends to, worked out once per forward pass for every layer.
 
     ``segments`` lists ``(query_start, query_end, key_ranges)`` in row order: the queries of
-    ``[query_start, query_end)`` see the keys of ``key_ranges`` (concatenated), the last range being the
-    segment itself, causally (the i-th query sees every key before the segment and the segment's first
-    i + 1). ``attend`` is transformers' ``sdpa_attention_forward``.
-    """
-    import torch
+    ``[query_start, query_end)`` see the keys of ``key_ranges`` (concatenated), the last range being the segment
+    itself, causally (the i-th query sees every key before the segment and the segment's first i + 1). A
+    document is ``(start, end, ((start, end),))``.
 
-    pieces = []
-    for query_start, query_end, key_ranges in segments:
-        if query_end <= query_start:
-            continue
-        q = query[:, :, query_start:query_end]
-        if len(key_ranges) == 1:
-            (key_start, key_end), = key_ranges
-            pieces.append(attend(module, q, key[:, :, key_start:key_end], value[:, :, key_start:key_end], None,
-                                 is_causal=True, **kwargs)[0])
-            continue
-        k = torch.cat([key[:, :, start:end] for start, end in key_ranges], dim=2)
-        v = torch.cat([value[:, :, start:end] for start, end in key_ranges], dim=2)
-        q_len, k_len = q.shape[2], k.shape[2]
-        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
-        pieces.append(attend(module, q, k, v, mask[None, None], is_causal=False, **kwargs)[0])
-    return torch.cat(pieces, dim=1)
+    Segments are gathered into right-padded batches, one sdpa call each, so a layer makes a few calls instead of
+    one per segment: segments that see only themselves in causal calls (a real query never sees the padding,
+    which comes after it), the others with a boolean mask. Segments of similar size share a call: a batch is
+    closed when padding would more than double its attention area.
+    """
+
+    _last_documents: tuple = (None, None)  # (cu_seq_lens_q, its plan): the layers of one forward pass share it
+
+    def __init__(self, segments: Sequence[tuple], device=None):
+        import torch
+
+        def as_tensor(rows: list[list[int]], width: int):  # right-padded with token 0, which padding reads
+            return torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.long, device=device)
+
+        # (query index [S, Lq], key index [S, Lk] or None (the queries'), mask [S, 1, Lq, Lk] or None, real [S, Lq])
+        self.batches = []
+        produced = []  # the row position of each output token, in the order the batches produce them
+        segments = [s for s in segments if s[1] > s[0]]
+        for causal in (True, False):
+            group = [s for s in segments if (tuple(map(tuple, s[2])) == ((s[0], s[1]),)) == causal]
+            for batch in self._similar_sizes(group):
+                queries = [list(range(start, end)) for start, end, _ in batch]
+                keys = [[i for a, b in ranges for i in range(a, b)] for _, _, ranges in batch]
+                longest_query, longest_key = max(map(len, queries)), max(map(len, keys))
+                query_lengths = torch.tensor([len(q) for q in queries], device=device)
+                real = torch.arange(longest_query, device=device)[None, :] < query_lengths[:, None]
+                key_index, mask = None, None
+                if not causal:
+                    key_index = as_tensor(keys, longest_key)
+                    key_lengths = torch.tensor([len(k) for k in keys], device=device)[:, None, None]
+                    key_steps = torch.arange(longest_key, device=device)[None, None, :]
+                    query_steps = torch.arange(longest_query, device=device)[None, :, None]
+                    # query i of a segment with q queries and k keys sees key j < k with j <= i + k - q; padding
+                    # queries see every real key, so no row of the mask is empty
+                    mask = (key_steps < key_lengths) & (
+                        key_steps <= query_steps + key_lengths - query_lengths[:, None, None])
+                    mask = mask[:, None]
+                self.batches.append((as_tensor(queries, longest_query), key_index, mask, real))
+                produced += [i for q in queries for i in q]
+        self.order = None  # where each row position is in the batches' output, unless they produce row order
+        if produced != sorted(produced):
+            self.order = torch.empty(len(produced), dtype=torch.long, device=device)
+            self.order[torch.tensor(produced, device=device)] = torch.arange(len(produced), device=device)
+
+    @staticmethod
+    def _similar_sizes(segments: list[tuple]) -> list[list[tuple]]:
+        """Segments in batches, largest first, each padded to at most twice the attention area it needs."""
+        def size(segment):  # (queries, keys)
+            return segment[1] - segment[0], sum(b - a for a, b in segment[2])
+
+        batches: list[list[tuple]] = []
+        longest_query = longest_key = needed = 0
+        for segment in sorted(segments, key=lambda s: size(s)[::-1], reverse=True):
+            queries, keys = size(segment)
+            wider = max(longest_query, queries)
+            if batches and (len(batches[-1]) + 1) * wider * longest_key <= 2 * (needed + queries * keys):
+                batches[-1].append(segment)
+                longest_query, needed = wider, needed + queries * keys
+            else:
+                batches.append([segment])
+                longest_query, longest_key, needed = queries, keys, queries * keys
+        return batches
+
+    @classmethod
+    def for_documents(cls, bounds) -> "AttentionPlan":
+        """The plan of documents that each attend to themselves (``bounds``: start offsets and the total)."""
+        last_bounds, last_plan = cls._last_documents
+        if last_bounds is bounds:  # the same tensor reaches every layer of one forward pass
+            return last_plan
+        offsets = bounds.tolist()
+        plan = cls([(start, end, ((start, end),)) for start, end in zip(offsets[:-1], offsets[1:])], bounds.device)
+        AttentionPlan._last_documents = (bounds, plan)
+        return plan
+
+    def attend(self, attend, module, query, key, value, **kwargs):
+        """Attention of one row ``[1, heads, tokens, dim]`` by this plan; returns ``[1, tokens, heads, dim]``.
+        ``attend`` is transformers' ``sdpa_attention_forward``."""
+        import torch
+
+        def as_batch(states, index):  # [1, heads, tokens, dim] -> [segments, heads, longest, dim]
+            return states[0][:, index].transpose(0, 1)
+
+        pieces = []
+        for query_index, key_index, mask, real in self.batches:
+            key_index = query_index if key_index is None else key_index
+            output = attend(module, as_batch(query, query_index), as_batch(key, key_index),
+                            as_batch(value, key_index), mask, is_causal=mask is None, **kwargs)[0]
+            pieces.append(output[real])  # [segments, longest, heads, dim] -> the real queries' outputs
+        output = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        return (output if self.order is None else output[self.order])[None]
 
 
 def pack_documents(documents: Sequence[Sequence[int]], block_size: int) -> dict[str, list]:

@@ -270,7 +270,7 @@ def share_common_prefixes(causal_lm) -> None:
     """
     from transformers.modeling_outputs import BaseModelOutputWithPast
 
-    from medllm.packing import VARLEN_ATTENTION
+    from medllm.packing import VARLEN_ATTENTION, AttentionPlan
 
     backbone = causal_lm.base_model
     if getattr(backbone, "medllm_shares_prefixes", False):
@@ -287,7 +287,8 @@ def share_common_prefixes(causal_lm) -> None:
         if layout is None:
             return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         flat_ids, positions, segments, gather = layout
-        hidden = original(input_ids=flat_ids, position_ids=positions, attention_segments=segments,
+        plan = AttentionPlan(segments, input_ids.device)  # worked out once, read by every layer
+        hidden = original(input_ids=flat_ids, position_ids=positions, attention_segments=plan,
                           **{**kwargs, "use_cache": False}).last_hidden_state[0]
         hidden = torch.cat([hidden, hidden.new_zeros(1, hidden.shape[-1])])  # the last row stands for padding
         return BaseModelOutputWithPast(last_hidden_state=hidden[gather].view(*input_ids.shape, -1))

@@ -179,7 +179,7 @@ def test_padding_free_batch_gives_the_padded_loss_and_gradients(tiny_model_dir, 
         assert max((a - b).abs().max().item() for a, b in zip(grads, padded_grads)) < 1e-5
 
 
-@pytest.mark.parametrize("lengths", [[30, 28, 35, 31], [120, 5, 9, 3, 40]])  # one batched call; one call each
+@pytest.mark.parametrize("lengths", [[30, 28, 35, 31], [120, 5, 9, 3, 40]])  # one batched call; batches of similar sizes
 def test_varlen_attention_equals_each_document_alone(lengths):
     import types
 
@@ -202,6 +202,41 @@ def test_varlen_attention_equals_each_document_alone(lengths):
             query[:, :, start:end], key[:, :, start:end].repeat_interleave(2, 1),
             value[:, :, start:end].repeat_interleave(2, 1), is_causal=True, scale=0.35)
         assert torch.allclose(output[0, start:end], alone[0].transpose(0, 1), atol=1e-5)
+
+
+def test_attention_plan_equals_each_segment_alone():
+    """Segments that see a prefix (DPO's rejected replies) and documents of mixed sizes, batched by the plan."""
+    import types
+
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from medllm.packing import AttentionPlan
+
+    # (prompt, chosen rest, rejected rest) laid out as prompt + chosen, then the rejected rest, one pair after another
+    segments, start = [], 0
+    for prompt, chosen, rejected in [(30, 10, 15), (50, 20, 3), (7, 4, 0), (12, 5, 9), (3, 60, 1)]:
+        first_end = start + prompt + chosen
+        segments += [(start, first_end, ((start, first_end),)),
+                     (first_end, first_end + rejected, ((start, start + prompt), (first_end, first_end + rejected)))]
+        start = first_end + rejected
+    plan = AttentionPlan(segments)
+    assert 2 < len(plan.batches) < len(segments) - 1 and plan.order is not None  # batched, and put back in order
+    module = types.SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
+    torch.manual_seed(0)
+    query, key, value = torch.randn(1, 4, start, 8), torch.randn(1, 2, start, 8), torch.randn(1, 2, start, 8)
+    output = plan.attend(sdpa_attention_forward, module, query, key, value, scaling=0.35)
+    assert output.shape == (1, start, 4, 8)
+    for query_start, query_end, key_ranges in segments:
+        if query_end == query_start:
+            continue
+        keys = torch.cat([torch.arange(a, b) for a, b in key_ranges])
+        q_len, k_len = query_end - query_start, len(keys)
+        visible = torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len)
+        alone = torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, query_start:query_end], key[:, :, keys].repeat_interleave(2, 1),
+            value[:, :, keys].repeat_interleave(2, 1), attn_mask=visible, scale=0.35)
+        assert torch.allclose(output[0, query_start:query_end], alone[0].transpose(0, 1), atol=1e-5)
 
 
 # --------------------------------------------------------------------------- end to end
