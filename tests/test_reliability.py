@@ -170,6 +170,20 @@ def test_remote_code_needs_trust_remote_code(tmp_path, tiny_model_dir):
     assert not marker.exists()
 
 
+def test_a_finished_stage_closes_its_process_group(tmp_path):
+    """torchrun ranks leave no gloo group to the interpreter's exit, where it sometimes aborted a finished rank."""
+    import torch.distributed as dist
+
+    from medllm.errors import run_cli
+
+    def main(argv):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        assert dist.is_initialized()
+
+    run_cli(main, [])
+    assert not dist.is_initialized()
+
+
 # --------------------------------------------------------------------------- bad input, end to end
 
 def _stage_error(capsys, script: str, argv: list[str]) -> str:
