@@ -1,16 +1,18 @@
 """Speed, memory and model FLOPs utilisation (MFU) of every stage, and of the modes a user chooses between.
 
     python benchmarks/bench.py                    # tiny + small model (+ base on a GPU), every mode (make bench)
-    python benchmarks/bench.py --smoke            # micro model, 3 steps, one run per stage (the test suite's)
+    python benchmarks/bench.py --smoke            # micro model, 3 steps, 1 round, one run per stage (the tests')
     python benchmarks/bench.py --sizes small --runs "sft packed,sft padded" --threads 1
 
 Each training stage runs as its own process for ``--steps`` optimizer steps with $MEDLLM_BENCH_FILE set, so
 its trainer records when the first step began, every step's fed rows and tokens, and peak memory
 (medllm/training.py: default_callbacks). Real (non-padding) tokens come from the stage's train_results.json.
-Throughput is timed from the end of the first step to the end of the last (the first step pays one-off
-set-up costs, reported apart). MFU = real tokens/s x model FLOPs per token (medllm/flops.py) / the peak of a
-large matrix product measured in this same run (float32 on a CPU, bfloat16 on a GPU). Merge is timed as a
-whole process; inference loads the merged model in a worker process and times generation at batch 1 and 8.
+Every run goes ``--repeats`` rounds, the order of the runs reversed each round, and reports its median round
+(the machine's speed drifts over minutes). Throughput is timed from the end of the first step to the end of the
+last (the first step pays one-off set-up costs, reported apart). MFU = real tokens/s x model FLOPs per token
+(medllm/flops.py) / the peak of a large matrix product measured in this same run (float32 on a CPU, bfloat16 on a
+GPU). Merge is timed as a whole process; inference loads the merged model in a worker process and times generation
+at batch 1 and 8.
 Writes <work_dir>/bench.json and bench.md (the tables); see benchmarks/README.md.
 """
 
@@ -49,21 +51,22 @@ class Run:
     flags: tuple[str, ...] = ()
 
 
-# Each run names the flag it is about, so a change of a stage's defaults does not change what is compared.
-# The first run of each stage tokenizes (the cache is emptied at start); the others start from the cache.
+# Each run names the flag it is about, so a change of a stage's defaults does not change what is compared. Runs
+# that are compared follow each other, so they see the machine in the same state. The first run of each stage
+# tokenizes (the cache is emptied at start); the others start from the cache.
 PADDED = ("--padding_free", "False")  # the plain baseline: one document (or pair) per row, padded per batch
 RUNS = (
     Run("pt packed", "pt", "LoRA, documents packed into rows, attention per document", ("--packing", "True")),
-    Run("sft packed", "sft", "LoRA, dialogues packed into rows, attention per dialogue", ("--packing", "True")),
-    Run("dpo shared prompt", "dpo", "LoRA, reference = adapter off; padding-free, each prompt computed once",
-        ("--group_by_length", "False", "--padding_free", "True")),
     Run("pt padded", "pt", "LoRA, one document per row, padded", ("--packing", "False", *PADDED)),
+    Run("sft packed", "sft", "LoRA, dialogues packed into rows, attention per dialogue", ("--packing", "True")),
     Run("sft padded", "sft", "LoRA, one dialogue per row, padded", ("--packing", "False", *PADDED)),
     Run("sft padding-free", "sft", "LoRA, the batch's dialogues in one row, no padding (default)",
         ("--packing", "False", "--padding_free", "True")),
     Run("sft full", "sft", "all parameters, packed", ("--packing", "True", "--use_peft", "False")),
     Run("sft checkpointing", "sft", "LoRA, packed, gradient checkpointing",
         ("--packing", "True", "--gradient_checkpointing", "True")),
+    Run("dpo shared prompt", "dpo", "LoRA, reference = adapter off; padding-free, each prompt computed once",
+        ("--group_by_length", "False", "--padding_free", "True")),
     Run("dpo padded", "dpo", "LoRA, reference = adapter off; random batches, padded", ("--group_by_length", "False",
                                                                                          *PADDED)),
     Run("dpo grouped", "dpo", "LoRA; batches of similar length, padded", ("--group_by_length", "True", *PADDED)),
@@ -92,6 +95,7 @@ class Settings:
     """What every run of one benchmark shares."""
 
     steps: int
+    repeats: int  # rounds of every run, in alternating order; each figure is the median round's
     batch_size: Optional[int]  # None: STAGE_BATCH_SIZE
     max_length: int  # PT --block_size, SFT --model_max_length, DPO --max_length
     new_tokens: int  # generated per reply in the inference benchmark
@@ -376,9 +380,13 @@ def compare(results: list[dict]) -> list[dict]:
             if not a or not b or "real_tokens_per_second" not in a:
                 continue
             ratio = a["real_tokens_per_second"] / b["real_tokens_per_second"]
-            rows.append({"size": size, "comparison": label, "speed_ratio": round(ratio, 2),
-                         "memory_ratio": round(a["peak_memory_mb"] / b["peak_memory_mb"], 2),
-                         "target": target, "met": None if target is None else ratio >= target})
+            row = {"size": size, "comparison": label, "speed_ratio": round(ratio, 2),
+                   "memory_ratio": round(a["peak_memory_mb"] / b["peak_memory_mb"], 2),
+                   "target": target, "met": None if target is None else ratio >= target}
+            if "rounds_real_tokens_per_second" in a and "rounds_real_tokens_per_second" in b:
+                row["round_ratios"] = [round(x / y, 2) for x, y in zip(a["rounds_real_tokens_per_second"],
+                                                                       b["rounds_real_tokens_per_second"])]
+            rows.append(row)
         pt = by_key.get((size, "pt packed"))
         if pt and size == PT_MFU_TARGET[0]:
             rows.append({"size": size, "comparison": "PT MFU (share of matmul peak)", "mfu": pt["mfu"],
@@ -403,7 +411,10 @@ def tables(report: dict) -> str:
     """The report as Markdown: the machine, then training runs, merge and inference, comparisons, CLI speed."""
     m, peak, results = report["machine"], report["peak"], report["results"]
     gpu = f", {m['gpu']}" if m.get("gpu") else ""
-    lines = [f"Machine: {m['processor']}, {m['cpu_count']} CPUs{gpu}; torch {m['torch']} ({m['torch_threads']} "
+    settings = report["settings"]
+    lines = [f"{settings['steps']} steps per run ({settings['timed_steps']} timed), {settings.get('repeats', 1)} "
+             "round(s): a run's figures are those of its median round (by real tok/s).\n",
+             f"Machine: {m['processor']}, {m['cpu_count']} CPUs{gpu}; torch {m['torch']} ({m['torch_threads']} "
              f"threads); load average {m['load_average_start']} at start, {m['load_average_end']} at end. "
              f"Matmul peak ({peak['dtype']}, {peak['size']}x{peak['size']}): "
              f"{peak['flops_per_second'] / 1e9:.1f} GFLOP/s (best of {peak['measured_gflops']})."]
@@ -433,8 +444,10 @@ def tables(report: dict) -> str:
             value = f"MFU {100 * c['mfu']:.1f} %" if mfu else f"{c['speed_ratio']:.2f}"
             target = "" if c["target"] is None else (f"{100 * c['target']:.0f} %" if mfu else f"≥ {c['target']}")
             met = "" if c["met"] is None else ("yes" if c["met"] else "no")
-            rows.append([c["size"], c["comparison"], value, cell(c, "memory_ratio", ".2f"), target, met])
-        lines += markdown(["size", "comparison", "real tok/s ratio", "peak memory ratio", "target", "met"], rows)
+            each = ", ".join(f"{x:.2f}" for x in c.get("round_ratios", [])) or "-"
+            rows.append([c["size"], c["comparison"], value, each, cell(c, "memory_ratio", ".2f"), target, met])
+        lines += markdown(["size", "comparison", "real tok/s ratio", "round by round", "peak memory ratio", "target",
+                           "met"], rows)
     if report.get("cli_seconds"):
         seconds = report["cli_seconds"]
         lines += markdown(["script", "first --help s (no cache)", "--help s", "misspelt flag s"],
@@ -455,7 +468,10 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--runs", default=None, help="Comma-separated run names (default: all; --smoke: "
                         f"{','.join(SMOKE_RUNS)}). Names: {', '.join(r.name for r in RUNS)}.")
     parser.add_argument("--steps", type=int, default=None,
-                        help="Optimizer steps per run; the first is not timed (default 30; --smoke 3).")
+                        help="Optimizer steps per run; the first is not timed (default 20; --smoke 3).")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="Rounds of every run, the order reversed each round; a run reports its median round "
+                        "(default 3; --smoke 1).")
     parser.add_argument("--batch_size", type=int, default=None,
                         help="Rows per step (default: PT 4, SFT 2, DPO 4 pairs as in run_*.sh; --smoke 2).")
     parser.add_argument("--max_length", type=int, default=None,
@@ -499,7 +515,7 @@ def resolve(args: argparse.Namespace, cuda: bool) -> tuple[list[str], list[Run],
     runs = [r for r in RUNS if r.name in names]
     if len(runs) != len(set(names)):
         raise SystemExit(f"error: --runs: unknown name(s); choose from {', '.join(r.name for r in RUNS)}")
-    settings = Settings(steps=args.steps or (3 if args.smoke else 30),
+    settings = Settings(steps=args.steps or (3 if args.smoke else 20), repeats=args.repeats or (1 if args.smoke else 3),
                         batch_size=args.batch_size or (2 if args.smoke else None),
                         max_length=args.max_length or (128 if args.smoke else 512),
                         new_tokens=args.new_tokens or (8 if args.smoke else 64),
@@ -507,9 +523,26 @@ def resolve(args: argparse.Namespace, cuda: bool) -> tuple[list[str], list[Run],
     return sizes, runs, settings
 
 
+def median_round(rounds: list[dict]) -> dict:
+    """One run's result from its rounds: the round of median real tokens/s (every figure from that one process),
+    with each round's rate; a failed round fails the run."""
+    failed = next((r for r in rounds if "error" in r), None)
+    if failed or len(rounds) == 1:
+        return failed or rounds[0]
+    ranked = sorted(rounds, key=lambda r: r["real_tokens_per_second"])
+    return {**ranked[(len(ranked) - 1) // 2], "rounds_real_tokens_per_second": [r["real_tokens_per_second"]
+                                                                                 for r in rounds]}
+
+
 def benchmark_size(size: str, model_dir: Path, runs: list[Run], settings: Settings) -> list[dict]:
-    """Every training run on one model size, then merge the SFT adapter and generate with the merged model."""
-    results = [run_training(run, size, model_dir, settings) for run in runs]
+    """Every training run on one model size (``settings.repeats`` rounds, the order reversed each round, so a
+    machine that slows down or speeds up over the minutes of a round weighs on every run alike), then merge the SFT
+    adapter and generate with the merged model."""
+    rounds: dict[str, list[dict]] = {run.name: [] for run in runs}
+    for index in range(settings.repeats):
+        for run in (runs if index % 2 == 0 else runs[::-1]):
+            rounds[run.name].append(run_training(run, size, model_dir, settings))
+    results = [median_round(rounds[run.name]) for run in runs]
     sft = next((r for r in results if r["stage"] == "sft" and "--use_peft" not in r["flags"] and "error" not in r),
                None)  # a LoRA adapter to merge
     infer_model = model_dir
@@ -537,9 +570,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(settings.work_dir / "cache", ignore_errors=True)  # the first run of each stage tokenizes
     report: dict[str, Any] = {"machine": machine(settings), "settings": {
-        "steps": settings.steps, "timed_steps": settings.steps - 1, "batch_size": settings.batch_size or
-        STAGE_BATCH_SIZE, "max_length": settings.max_length, "new_tokens": settings.new_tokens, "sizes": sizes,
-        "runs": [r.name for r in runs]}}
+        "steps": settings.steps, "timed_steps": settings.steps - 1, "repeats": settings.repeats,
+        "batch_size": settings.batch_size or STAGE_BATCH_SIZE, "max_length": settings.max_length,
+        "new_tokens": settings.new_tokens, "sizes": sizes, "runs": [r.name for r in runs]}}
     busy = report["machine"]["load_average_start"][0]
     if torch.get_num_threads() > 1 and busy > 0.5:  # other processes hold cores: parallel regions stall
         report["machine"]["warning"] = (f"load average {busy:.1f} at start with {torch.get_num_threads()} threads: "

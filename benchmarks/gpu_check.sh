@@ -44,5 +44,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 "$PYTHON" -c "import torch, transformers, peft, trl, datasets; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 '| transformers', transformers.__version__, '| peft', peft.__version__, '| trl', trl.__version__, '| datasets', datasets.__version__)"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-"$PYTHON" benchmarks/bench.py --sizes "$SIZES" --runs "$RUNS" --steps "$STEPS" --no_cli --work_dir "$WORK" --timeout 240
+"$PYTHON" benchmarks/bench.py --sizes "$SIZES" --runs "$RUNS" --steps "$STEPS" --repeats 1 --no_cli --work_dir "$WORK" --timeout 240
 cp "$WORK/bench.json" "$WORK/bench.md" "$RESULTS/"

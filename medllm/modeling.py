@@ -208,11 +208,15 @@ def build_peft_model(model, lora_args, training_args=None):
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         gradient_checkpointing = bool(training_args and training_args.gradient_checkpointing)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    from medllm.dropout import use_cpu_dropout
+
     if lora_args.peft_path:
         if not os.path.isfile(os.path.join(lora_args.peft_path, "adapter_config.json")):
             raise MedLLMError(f"--peft_path {lora_args.peft_path}: no adapter_config.json there.")
         logger.info("Continuing the adapter in %s", lora_args.peft_path)
-        return PeftModel.from_pretrained(model, lora_args.peft_path, is_trainable=True)
+        model = PeftModel.from_pretrained(model, lora_args.peft_path, is_trainable=True)
+        use_cpu_dropout(model)
+        return model
     modules_to_save = [m.strip() for m in lora_args.modules_to_save.split(",")] if lora_args.modules_to_save else None
     config = LoraConfig(
         task_type=TaskType.CAUSAL_LM,
@@ -223,6 +227,7 @@ def build_peft_model(model, lora_args, training_args=None):
         modules_to_save=modules_to_save,
     )
     model = get_peft_model(model, config)
+    use_cpu_dropout(model)  # the same dropout, drawn faster where the model trains on a CPU
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("LoRA on %s: %d trainable of %d parameters (%.2f%%).", config.target_modules, trainable, total,
                 100 * trainable / total)

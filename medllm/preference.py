@@ -258,6 +258,71 @@ def score_only_completion_tokens_on_cpu() -> None:
     trl_utils._use_triton = compact  # read only for this choice in trl.trainer.utils (the kernels keep their own)
 
 
+def switch_to_the_reference_cheaply() -> None:
+    """Make trl's per-step switch from the LoRA policy to its reference (the adapter off, gradient checkpointing off,
+    under ``torch.no_grad``) flip the same flags on layers found once per model.
+
+    trl switches through peft's ``disable_adapter``, which builds a status report of every adapter layer and walks
+    the model three times (also toggling ``requires_grad``, which no-grad makes moot), and through transformers'
+    checkpointing enable/disable, which walks it twice and warns each time. That is 3.4 ms of a 56 ms DPO step on the
+    ``tiny`` benchmark model and 4.6 ms of 178 ms on ``small`` (paired timing, same batches); the walks grow with
+    the number of layers. Anything else (a named adapter such as a continued adapter's "ref", prompt learning,
+    ``--modules_to_save``, adapters already off, grad enabled) goes through trl's own path.
+    """
+    import contextlib
+    import weakref
+
+    import trl.trainer.dpo_trainer as trl_dpo
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    if getattr(trl_dpo.use_adapter, "medllm_cheap", False):
+        return
+    use_adapter, disable_checkpointing = trl_dpo.use_adapter, trl_dpo.disable_gradient_checkpointing
+    adapter_layers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its LoRA layers, or None
+    checkpointed: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its checkpointed modules
+
+    def lora_layers(model):
+        if model not in adapter_layers:
+            modules = list(model.modules())
+            config = model.peft_config.get(model.active_adapter)
+            plain = (config is not None and not config.is_prompt_learning and not config.is_adaption_prompt
+                     and not any(isinstance(m, AuxiliaryTrainingWrapper) for m in modules))
+            adapter_layers[model] = [m for m in modules if isinstance(m, BaseTunerLayer)] if plain else None
+        return adapter_layers[model]
+
+    @contextlib.contextmanager
+    def cheap_use_adapter(model, adapter_name):
+        layers = None if adapter_name is not None or torch.is_grad_enabled() else lora_layers(model)
+        if not layers or any(layer.disable_adapters for layer in layers):
+            with use_adapter(model, adapter_name):
+                yield
+            return
+        for layer in layers:
+            layer._disable_adapters = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer._disable_adapters = False
+
+    @contextlib.contextmanager
+    def cheap_disable_checkpointing(model, gradient_checkpointing_kwargs=None):
+        if model not in checkpointed:
+            checkpointed[model] = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+        switched = [m for m in checkpointed[model] if m.gradient_checkpointing is True]
+        for module in switched:
+            module.gradient_checkpointing = False
+        try:
+            yield
+        finally:
+            for module in switched:
+                module.gradient_checkpointing = True
+
+    cheap_use_adapter.medllm_cheap = True
+    trl_dpo.use_adapter, trl_dpo.disable_gradient_checkpointing = cheap_use_adapter, cheap_disable_checkpointing
+
+
 def share_common_prefixes(causal_lm) -> None:
     """Run each pair's common prefix (its prompt) once, in the backbone of ``causal_lm`` (sdpa_varlen only).
 
@@ -346,6 +411,7 @@ def build_dpo_trainer(model, ref_model, tokenizer, training_args, datasets, fres
     from medllm.packing import VARLEN_ATTENTION, register_varlen_attention
 
     score_only_completion_tokens_on_cpu()
+    switch_to_the_reference_cheaply()
     for causal_lm in (model.get_base_model() if hasattr(model, "get_base_model") else model, ref_model):
         attention = None if causal_lm is None else causal_lm.config._attn_implementation
         if attention is None or not (padding_free or (padding_free is None and attention == "sdpa")):

@@ -118,6 +118,39 @@ def test_benchmark_callback_counts_rows_tokens_and_documents(tmp_path, monkeypat
     assert callback.counts == [3, 20, 4]
 
 
+def test_rounds_alternate_their_order_and_a_run_reports_its_median_round(tmp_path, monkeypatch):
+    import benchmarks.bench as bench
+
+    rates = {"sft packed": [300.0, 200.0, 260.0], "sft padded": [100.0, 200.0, 150.0]}
+    order = []
+
+    def fake_training(run, size, model_dir, settings):
+        index = order.count(run.name)
+        order.append(run.name)
+        return {"size": size, "run": run.name, "stage": run.stage, "flags": list(run.flags), "round": index,
+                "real_tokens_per_second": rates[run.name][index], "peak_memory_mb": 100.0 + index,
+                "output_dir": str(tmp_path)}
+
+    monkeypatch.setattr(bench, "run_training", fake_training)
+    monkeypatch.setattr(bench, "run_merge", lambda size, *args: {"size": size, "run": "merge", "error": "skipped"})
+    monkeypatch.setattr(bench, "run_inference", lambda size, *args: {"size": size, "run": "inference"})
+    runs = [r for r in bench.RUNS if r.name in rates]
+    settings = bench.Settings(steps=3, repeats=3, batch_size=None, max_length=128, new_tokens=8, work_dir=tmp_path,
+                              threads=None, cuda=False, timeout=10)
+    results = bench.benchmark_size("tiny", tmp_path, runs, settings)
+    assert order == ["sft packed", "sft padded", "sft padded", "sft packed", "sft packed", "sft padded"]
+    packed, padded = results[0], results[1]
+    assert packed["round"] == 2 and packed["real_tokens_per_second"] == 260.0  # the median of 200, 260, 300
+    assert packed["peak_memory_mb"] == 102.0  # every figure from that same round
+    assert packed["rounds_real_tokens_per_second"] == [300.0, 200.0, 260.0]
+    assert padded["round"] == 2 and padded["real_tokens_per_second"] == 150.0
+    (row,) = [c for c in bench.compare(results) if c["comparison"] == "SFT packed vs padded"]
+    assert row["speed_ratio"] == round(260 / 150, 2) and row["met"] is True
+    assert row["round_ratios"] == [3.0, 1.0, round(260 / 150, 2)]
+    failed = bench.median_round([{"real_tokens_per_second": 1.0}, {"error": "exit 1"}])
+    assert failed == {"error": "exit 1"}  # a failed round fails the run
+
+
 def positive_numbers(value, path="") -> list[tuple[str, float]]:
     """Every number in a JSON value with its path."""
     if isinstance(value, bool) or value is None or isinstance(value, str):
@@ -151,3 +184,11 @@ def test_bench_smoke_reports_every_figure(tmp_path):
     assert results["dpo shared prompt"]["computed_per_real_token"] < 0.9  # the sample prompts are computed once
     assert results["pt packed"]["tokenization"] == "computed"  # the bench starts from an empty cache
     assert "| micro | pt packed |" in (tmp_path / "bench.md").read_text()
+
+
+def test_dpo_paired_timing_prints_both_modes(tmp_path, tiny_model_dir):
+    result = run_script("benchmarks/dpo_paired.py", "--model_name_or_path", tiny_model_dir, "--steps", "5",
+                        "--work_dir", str(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if "steps timed" in line)
+    assert line.startswith("2 steps timed") and "shared prompt" in line and "padded / shared per step" in line

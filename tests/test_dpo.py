@@ -178,6 +178,45 @@ def test_lora_reference_is_the_base_with_the_adapter_off(tmp_path, tiny_model_di
     assert trainer.ref_model is None and list(trainer.model.peft_config) == ["default"]
 
 
+def test_cheap_reference_switch_runs_the_base_and_restores_the_policy(tiny_model_dir):
+    import torch
+    import trl.trainer.dpo_trainer as trl_dpo
+
+    from medllm.arguments import LoraArguments, ModelArguments
+    from medllm.modeling import build_peft_model, load_model
+    from medllm.preference import switch_to_the_reference_cheaply
+
+    base = load_model(ModelArguments(model_name_or_path=tiny_model_dir))
+    ids = torch.tensor([[2, 4, 7, 8, 9, 11]])
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+    model = build_peft_model(base, LoraArguments(target_modules="all")).eval()
+    torch.manual_seed(0)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.5)  # a trained adapter: the policy is not the base
+    model.get_base_model().gradient_checkpointing_enable()
+    switch_to_the_reference_cheaply()
+    switch_to_the_reference_cheaply()  # once is enough; a second call changes nothing
+    assert trl_dpo.use_adapter.medllm_cheap
+    with torch.no_grad():
+        policy_logits = model(input_ids=ids).logits
+        with trl_dpo.disable_gradient_checkpointing(model), trl_dpo.use_adapter(model, adapter_name=None):
+            assert not model.get_base_model().model.layers[0].gradient_checkpointing
+            reference_logits = model(input_ids=ids).logits
+        with model.disable_adapter():  # peft's own switch
+            peft_reference_logits = model(input_ids=ids).logits
+    assert not torch.allclose(policy_logits, base_logits, atol=1e-3)
+    assert torch.equal(reference_logits, peft_reference_logits)
+    torch.testing.assert_close(reference_logits, base_logits)
+    layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+    assert layers and not any(layer.disable_adapters for layer in layers)  # the policy is back
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+    assert all(layer.gradient_checkpointing for layer in model.get_base_model().model.layers)
+    with torch.no_grad(), trl_dpo.use_adapter(model, adapter_name="default"):  # a named adapter: trl's own path
+        torch.testing.assert_close(model(input_ids=ids).logits, policy_logits)
+
+
 @pytest.mark.parametrize("mode", ["lora", "full", "full_precomputed_reference"])
 def test_first_step_loss_is_ln2(tmp_path, tiny_model_dir, mode):
     flags = {"lora": [], "full": ["--use_peft", "False"],

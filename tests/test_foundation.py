@@ -133,3 +133,43 @@ def test_model_folder_without_weights_is_a_clear_error(tmp_path, tiny_model_dir)
         load_model(ModelArguments(model_name_or_path=str(folder)))
     with pytest.raises(MedLLMError, match="model folder not found"):
         load_model(ModelArguments(model_name_or_path=str(tmp_path / "missing")))
+
+
+# --------------------------------------------------------------------------- LoRA dropout on a CPU
+
+def test_cpu_dropout_drops_with_probability_p_and_keeps_the_expectation():
+    import torch
+
+    from medllm.dropout import CpuDropout
+
+    torch.manual_seed(0)
+    dropout = CpuDropout(0.05).train()
+    inputs = torch.ones(1_000_000, requires_grad=True)
+    outputs = dropout(inputs)
+    dropped = (outputs == 0).double().mean().item()
+    assert abs(dropped - 0.05) < 0.0015  # 7 standard deviations of a binomial share at n = 1e6
+    kept = outputs[outputs != 0].unique()
+    assert kept.tolist() == [pytest.approx(2 ** 31 / (2 ** 31 - round(0.05 * 2 ** 31)), rel=1e-6)]
+    assert outputs.mean().item() == pytest.approx(1.0, abs=0.002)
+    upstream = torch.randn(1_000_000)
+    outputs.backward(upstream)
+    assert torch.equal(inputs.grad, upstream * (outputs != 0) * kept[0])  # the same mask, the same scale
+    torch.manual_seed(0)
+    assert torch.equal(dropout(inputs), outputs)  # torch's generator: a seed repeats the mask
+    assert torch.equal(dropout.eval()(inputs), inputs)
+    assert torch.equal(CpuDropout(0.0).train()(inputs), inputs)
+
+
+def test_lora_layers_get_the_cpu_dropout(tiny_model_dir):
+    import torch
+
+    from medllm.arguments import LoraArguments, ModelArguments
+    from medllm.dropout import CpuDropout
+    from medllm.modeling import build_peft_model, load_model
+
+    model = load_model(ModelArguments(model_name_or_path=tiny_model_dir))
+    peft_model = build_peft_model(model, LoraArguments(use_peft=True, target_modules="all", lora_dropout=0.1))
+    lora_layers = [m for m in peft_model.modules() if hasattr(m, "lora_A")]
+    dropouts = [m.lora_dropout["default"] for m in lora_layers]
+    assert lora_layers and all(type(d) is CpuDropout and d.p == 0.1 for d in dropouts)
+    assert not any(type(m) is torch.nn.Dropout for m in peft_model.modules())
