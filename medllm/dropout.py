@@ -2,7 +2,7 @@
 
 torch draws a dropout mask with ``bernoulli_``, one Mersenne Twister draw per element, which on a CPU costs more
 than the matrix product the dropped input feeds: [1024, 704] float32 on this project's benchmark machine, 3.3 ms
-forward and backward against 2.2 ms for :class:`CpuDropout`, and 9% of a whole LoRA SFT step on the ``small`` model
+forward and backward against 2.2 ms for :class:`CpuDropout`, and 5-9% of a whole LoRA SFT step on ``small``
 (benchmarks/README.md). :class:`CpuDropout` draws one 64-bit random number per two elements and drops an element
 when its 31 random bits fall below ``round(p * 2**31)``: the probability is ``p`` to within 2**-31, and kept
 elements are scaled by the inverse of the exact keep probability, so the expectation is unchanged. Elsewhere (a GPU,
