@@ -24,6 +24,7 @@ import logging
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -380,12 +381,15 @@ def compare(results: list[dict]) -> list[dict]:
             if not a or not b or "real_tokens_per_second" not in a:
                 continue
             ratio = a["real_tokens_per_second"] / b["real_tokens_per_second"]
-            row = {"size": size, "comparison": label, "speed_ratio": round(ratio, 2),
-                   "memory_ratio": round(a["peak_memory_mb"] / b["peak_memory_mb"], 2),
-                   "target": target, "met": None if target is None else ratio >= target}
+            row = {"size": size, "comparison": label}
             if "rounds_real_tokens_per_second" in a and "rounds_real_tokens_per_second" in b:
-                row["round_ratios"] = [round(x / y, 2) for x, y in zip(a["rounds_real_tokens_per_second"],
-                                                                       b["rounds_real_tokens_per_second"])]
+                # each round's two runs ran minutes apart at most: the median of their ratios is the paired estimate
+                round_ratios = [x / y for x, y in zip(a["rounds_real_tokens_per_second"],
+                                                      b["rounds_real_tokens_per_second"])]
+                ratio = statistics.median(round_ratios)
+                row["round_ratios"] = [round(x, 2) for x in round_ratios]
+            row.update(speed_ratio=round(ratio, 2), memory_ratio=round(a["peak_memory_mb"] / b["peak_memory_mb"], 2),
+                       target=target, met=None if target is None else ratio >= target)
             rows.append(row)
         pt = by_key.get((size, "pt packed"))
         if pt and size == PT_MFU_TARGET[0]:
@@ -413,7 +417,8 @@ def tables(report: dict) -> str:
     gpu = f", {m['gpu']}" if m.get("gpu") else ""
     settings = report["settings"]
     lines = [f"{settings['steps']} steps per run ({settings['timed_steps']} timed), {settings.get('repeats', 1)} "
-             "round(s): a run's figures are those of its median round (by real tok/s).\n",
+             "round(s): a run's figures are those of its median round (by real tok/s), a comparison's ratio is the "
+             "median of its round-by-round ratios.\n",
              f"Machine: {m['processor']}, {m['cpu_count']} CPUs{gpu}; torch {m['torch']} ({m['torch_threads']} "
              f"threads); load average {m['load_average_start']} at start, {m['load_average_end']} at end. "
              f"Matmul peak ({peak['dtype']}, {peak['size']}x{peak['size']}): "

@@ -35,6 +35,7 @@ from trl import DPOConfig, DPOTrainer
 
 from medllm.arguments import DataArguments, flag_given
 from medllm.errors import MedLLMError
+from medllm.logprobs import use_fast_cpu_head
 from medllm.training import (NonFiniteLossGuard, cached_map, default_callbacks, fingerprint, peak_memory_mb,
                              tokenizer_fingerprint)
 
@@ -238,26 +239,6 @@ def load_reference_model(model_args, lora_args, training_args, model_max_length:
     return reference.eval()
 
 
-def score_only_completion_tokens_on_cpu() -> None:
-    """Make trl's fused LM head score only the positions that carry a label on a CPU too.
-
-    trl does this ("compact") on CUDA/XPU; elsewhere it scores every position, prompt and padding included, to keep
-    tile shapes fixed for compiling backends (Neuron). Nothing is compiled on a CPU: scoring only the reply tokens
-    gave identical losses in half the CPU time (tiny model, data/reward, batch 4, 60 steps: 4.4 s instead of 8.6 s).
-    """
-    import trl.trainer.utils as trl_utils
-
-    original = trl_utils._use_triton
-    if getattr(original, "medllm_compact_on_cpu", False):
-        return
-
-    def compact(device) -> bool:
-        return device.type == "cpu" or original(device)
-
-    compact.medllm_compact_on_cpu = True
-    trl_utils._use_triton = compact  # read only for this choice in trl.trainer.utils (the kernels keep their own)
-
-
 def switch_to_the_reference_cheaply() -> None:
     """Make trl's per-step switch from the LoRA policy to its reference (the adapter off, gradient checkpointing off,
     under ``torch.no_grad``) flip the same flags on layers found once per model.
@@ -267,7 +248,9 @@ def switch_to_the_reference_cheaply() -> None:
     checkpointing enable/disable, which walks it twice and warns each time. That is 3.4 ms of a 56 ms DPO step on the
     ``tiny`` benchmark model and 4.6 ms of 178 ms on ``small`` (paired timing, same batches); the walks grow with
     the number of layers. Anything else (a named adapter such as a continued adapter's "ref", prompt learning,
-    ``--modules_to_save``, adapters already off, grad enabled) goes through trl's own path.
+    ``--modules_to_save``, adapters already off, grad enabled) goes through trl's own path. trl's per-step
+    ``is_peft_model`` (accelerate's, which reads the installed packages' metadata twice a call: 0.8 ms) is answered
+    once per model.
     """
     import contextlib
     import weakref
@@ -279,6 +262,8 @@ def switch_to_the_reference_cheaply() -> None:
     if getattr(trl_dpo.use_adapter, "medllm_cheap", False):
         return
     use_adapter, disable_checkpointing = trl_dpo.use_adapter, trl_dpo.disable_gradient_checkpointing
+    is_peft_model = trl_dpo.is_peft_model
+    peft_models: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> is_peft_model(model)
     adapter_layers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its LoRA layers, or None
     checkpointed: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its checkpointed modules
 
@@ -319,8 +304,14 @@ def switch_to_the_reference_cheaply() -> None:
             for module in switched:
                 module.gradient_checkpointing = True
 
+    def is_peft_model_once(model) -> bool:
+        if model not in peft_models:
+            peft_models[model] = is_peft_model(model)
+        return peft_models[model]
+
     cheap_use_adapter.medllm_cheap = True
     trl_dpo.use_adapter, trl_dpo.disable_gradient_checkpointing = cheap_use_adapter, cheap_disable_checkpointing
+    trl_dpo.is_peft_model = is_peft_model_once
 
 
 def share_common_prefixes(causal_lm) -> None:
@@ -335,7 +326,7 @@ def share_common_prefixes(causal_lm) -> None:
     """
     from transformers.modeling_outputs import BaseModelOutputWithPast
 
-    from medllm.packing import VARLEN_ATTENTION, AttentionPlan
+    from medllm.packing import VARLEN_ATTENTION
 
     backbone = causal_lm.base_model
     if getattr(backbone, "medllm_shares_prefixes", False):
@@ -348,11 +339,10 @@ def share_common_prefixes(causal_lm) -> None:
                  or causal_lm.config._attn_implementation != VARLEN_ATTENTION
                  or any(kwargs.get(k) is not None for k in ("inputs_embeds", "position_ids", "past_key_values"))
                  or kwargs.get("use_cache") or kwargs.get("output_router_logits") or kwargs.get("output_hidden_states"))
-        layout = None if plain else _pair_layout(input_ids, attention_mask)
+        layout = None if plain else _pair_layout_and_plan(input_ids, attention_mask)
         if layout is None:
             return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        flat_ids, positions, segments, gather = layout
-        plan = AttentionPlan(segments, input_ids.device)  # worked out once, read by every layer
+        flat_ids, positions, plan, gather = layout
         hidden = original(input_ids=flat_ids, position_ids=positions, attention_segments=plan,
                           **{**kwargs, "use_cache": False}).last_hidden_state[0]
         hidden = torch.cat([hidden, hidden.new_zeros(1, hidden.shape[-1])])  # the last row stands for padding
@@ -369,6 +359,26 @@ def common_prefix_lengths(input_ids, attention_mask) -> list[int]:
     steps = torch.arange(input_ids.shape[1], device=input_ids.device)
     both = steps[None, :] < torch.minimum(lengths[:pairs], lengths[pairs:])[:, None]
     return ((input_ids[:pairs] == input_ids[pairs:]) & both).long().cumprod(dim=1).sum(dim=1).tolist()
+
+
+_last_layout: dict = {}  # the last batch's "inputs" (input_ids, attention_mask), their "versions" and "layout"
+
+
+def _pair_layout_and_plan(input_ids, attention_mask):
+    """:func:`_pair_layout` with the segments worked out as an :class:`AttentionPlan` (read by every layer), or
+    None. trl's reference and policy passes get the same tensors: the second pass reuses the first one's."""
+    from medllm.packing import AttentionPlan
+
+    versions = (input_ids._version, attention_mask._version)  # bumped by any write in place
+    last_ids, last_mask = _last_layout.get("inputs", (None, None))
+    if last_ids is input_ids and last_mask is attention_mask and _last_layout["versions"] == versions:
+        return _last_layout["layout"]
+    layout = _pair_layout(input_ids, attention_mask)
+    if layout is not None:
+        flat_ids, positions, segments, gather = layout
+        layout = flat_ids, positions, AttentionPlan(segments, input_ids.device), gather
+    _last_layout.update(inputs=(input_ids, attention_mask), versions=versions, layout=layout)
+    return layout
 
 
 def _pair_layout(input_ids, attention_mask):
@@ -410,7 +420,7 @@ def build_dpo_trainer(model, ref_model, tokenizer, training_args, datasets, fres
     pair's prompt once (:func:`share_common_prefixes`), for the policy and a reference copy alike."""
     from medllm.packing import VARLEN_ATTENTION, register_varlen_attention
 
-    score_only_completion_tokens_on_cpu()
+    use_fast_cpu_head()
     switch_to_the_reference_cheaply()
     for causal_lm in (model.get_base_model() if hasattr(model, "get_base_model") else model, ref_model):
         attention = None if causal_lm is None else causal_lm.config._attn_implementation

@@ -199,6 +199,7 @@ def test_cheap_reference_switch_runs_the_base_and_restores_the_policy(tiny_model
     switch_to_the_reference_cheaply()
     switch_to_the_reference_cheaply()  # once is enough; a second call changes nothing
     assert trl_dpo.use_adapter.medllm_cheap
+    assert trl_dpo.is_peft_model(model) and trl_dpo.is_peft_model(model) and not trl_dpo.is_peft_model(base)
     with torch.no_grad():
         policy_logits = model(input_ids=ids).logits
         with trl_dpo.disable_gradient_checkpointing(model), trl_dpo.use_adapter(model, adapter_name=None):
@@ -255,7 +256,7 @@ def test_shared_prompt_backbone_gives_the_padded_log_probs_and_gradients(tiny_mo
     from trl.trainer.utils import add_fused_lm_head
 
     from medllm.packing import VARLEN_ATTENTION, register_varlen_attention
-    from medllm.preference import _pair_layout, share_common_prefixes
+    from medllm.preference import _pair_layout, _pair_layout_and_plan, share_common_prefixes
 
     torch.manual_seed(0)
     padded = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
@@ -288,6 +289,58 @@ def test_shared_prompt_backbone_gives_the_padded_log_probs_and_gradients(tiny_mo
     flat_ids = _pair_layout(input_ids, attention_mask)[0]
     assert flat_ids.shape[1] == sum(p + c + r for p, c, r in shapes) - 4 - 1  # the equal pair's reply once, + 1 token
     assert _pair_layout(input_ids.flip(1), attention_mask.flip(1)) is None  # left padding: not this layout
+    layout = _pair_layout_and_plan(input_ids, attention_mask)
+    assert _pair_layout_and_plan(input_ids, attention_mask) is layout  # the policy pass reuses the reference's
+    input_ids[0, 0] = input_ids[0, 0]  # written in place: worked out again
+    assert _pair_layout_and_plan(input_ids, attention_mask) is not layout
+    assert torch.equal(_pair_layout_and_plan(input_ids.clone(), attention_mask)[3], layout[3])
+
+
+@pytest.mark.parametrize("budget", [None, 7 * 50])  # all logits kept / chunks of 7 tokens, recomputed backwards
+def test_cpu_head_gives_trls_outputs_and_gradients(monkeypatch, budget):
+    import torch
+    from trl.kernels import ChunkedLogProbFunction
+
+    from medllm import logprobs
+    from medllm.logprobs import CpuLogProbs
+
+    if budget:
+        monkeypatch.setattr(logprobs, "LOGITS_BUDGET", budget)
+    torch.manual_seed(0)
+    hidden, weight, bias = torch.randn(23, 16), torch.randn(50, 16), torch.randn(50)
+    targets = torch.randint(0, 50, (23,))
+    targets[3] = torch.argmax(hidden[3] @ weight.t() + bias)  # one target that is the top-1 token
+    outputs = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    results, gradients = [], []
+    for function in (ChunkedLogProbFunction, CpuLogProbs):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        per_token = function.apply(*leaves, targets, 0.7, 32768, None, 1.5, outputs)
+        (per_token[0].sum() + 0.3 * per_token[1].sum()).backward()
+        results.append(per_token)
+        gradients.append([leaf.grad for leaf in leaves])
+    for trl_output, ours in zip(*results):
+        torch.testing.assert_close(ours, trl_output, rtol=1e-5, atol=1e-5)
+    assert results[1][4][3] and results[1][4].sum() < 5  # is_top1 is not all true
+    for trl_gradient, ours in zip(*gradients):
+        torch.testing.assert_close(ours, trl_gradient, rtol=1e-5, atol=1e-5)
+
+
+def test_trls_fused_head_runs_the_cpu_head_only_where_it_applies():
+    import torch
+    import trl.trainer.utils as trl_utils
+
+    from medllm.logprobs import use_fast_cpu_head
+
+    use_fast_cpu_head()
+    use_fast_cpu_head()  # once is enough
+    assert trl_utils._use_triton(torch.device("cpu"))  # only labelled positions are scored
+    hidden, weight, targets = torch.randn(5, 8, requires_grad=True), torch.randn(12, 8), torch.randint(0, 12, (5,))
+    head = trl_utils._ChunkedLogProbFunction
+    fast = head.apply(hidden, weight, None, targets, 1.0, 32768, None, 1.0, ("log_probs",))[0]
+    half = head.apply(hidden.bfloat16(), weight.bfloat16(), None, targets, 1.0, 32768, None, 1.0, ("log_probs",))[0]
+    capped = head.apply(hidden, weight, None, targets, 1.0, 32768, 30.0, 1.0, ("log_probs",))[0]
+    assert type(fast.grad_fn).__name__ == "CpuLogProbsBackward"
+    assert {type(half.grad_fn).__name__, type(capped.grad_fn).__name__} == {"ChunkedLogProbFunctionBackward"}
 
 
 def test_padding_free_dpo_trains_as_the_padded_one(tmp_path, tiny_model_dir):
