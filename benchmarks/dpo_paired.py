@@ -34,6 +34,8 @@ def main() -> None:
     os.chdir(REPO)
     import transformers
 
+    from benchmarks import bench
+
     times: dict[str, list[float]] = {mode: [] for mode in MODES}
     training_step = transformers.Trainer.training_step
 
@@ -48,12 +50,11 @@ def main() -> None:
         return loss
 
     transformers.Trainer.training_step = both_modes
-    sys.argv = ["dpo_training.py", "--model_name_or_path", args.model_name_or_path, "--template_name", "glm4",
-                "--train_file_dir", "data/reward", "--do_train", "--max_steps", str(args.steps),
-                "--per_device_train_batch_size", "4", "--max_length", "512", "--group_by_length", "False",
-                "--padding_free", "True", "--output_dir", f"{args.work_dir}/out", "--cache_dir",
-                f"{args.work_dir}/cache", "--overwrite_output_dir", "--save_strategy", "no", "--report_to", "none",
-                "--disable_tqdm", "True", "--seed", "42", *extra]
+    settings = bench.Settings(steps=args.steps, repeats=1, batch_size=None, max_length=512, new_tokens=0,
+                              work_dir=Path(args.work_dir), threads=None, cuda=False, timeout=0)
+    run = next(r for r in bench.RUNS if r.name == "dpo shared prompt")  # the bench's flags; both modes are timed
+    sys.argv = ["dpo_training.py", *bench.stage_flags(run, Path(args.model_name_or_path), settings.work_dir / "out",
+                                                      settings), *extra]
     runpy.run_path(str(REPO / "dpo_training.py"), run_name="__main__")
     shared, padded = (times[mode][3:] for mode in MODES)
     ratios = sorted(p / s for p, s in zip(padded, shared))

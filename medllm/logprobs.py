@@ -29,8 +29,8 @@ class CpuLogProbs(torch.autograd.Function):
                 logit_scale=1.0, outputs=("log_probs",) + OUTPUTS):
         ctx.set_materialize_grads(False)
         scale = logit_scale / temperature
-        rows = max(1, LOGITS_BUDGET // weight.shape[0])  # tokens per chunk
-        ctx.keep = hidden.shape[0] <= rows  # one chunk: its logits are kept for the backward pass
+        rows = ctx.rows = max(1, LOGITS_BUDGET // weight.shape[0])  # tokens per chunk
+        keep = hidden.shape[0] <= rows  # one chunk: its logits are kept for the backward pass
         results = {name: [] for name in ("log_probs", "log_z") + OUTPUTS}
         kept = None
         for start in range(0, hidden.shape[0], rows):
@@ -48,7 +48,7 @@ class CpuLogProbs(torch.autograd.Function):
                 results["mean_logits"].append(logits.mean(-1))
             if "is_top1" in outputs:  # argmax returns the first maximum, as trl counts ties
                 results["is_top1"].append(logits.argmax(-1) == chunk_targets[:, 0])
-            kept = log_probs if ctx.keep else None
+            kept = log_probs if keep else None
         per_token = {name: torch.cat(values) if values else None for name, values in results.items()}
         entropy = per_token["entropy"]
         ctx.save_for_backward(hidden, weight, bias, targets, per_token["log_z"],
@@ -65,9 +65,8 @@ class CpuLogProbs(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight) if need_weight else None
         grad_bias = torch.zeros_like(bias) if need_bias else None
-        rows = hidden.shape[0] if ctx.keep else max(1, LOGITS_BUDGET // weight.shape[0])
-        for start in range(0, hidden.shape[0], rows):
-            end = min(start + rows, hidden.shape[0])
+        for start in range(0, hidden.shape[0], ctx.rows):
+            end = min(start + ctx.rows, hidden.shape[0])
             chunk = hidden[start:end]
             if kept is not None:
                 log_probs = kept

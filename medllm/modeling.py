@@ -205,30 +205,30 @@ def build_peft_model(model, lora_args, training_args=None):
     """Wrap ``model`` with a new LoRA adapter (or continue ``--peft_path``); returns the peft model."""
     from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
 
+    from medllm.dropout import use_cpu_dropout
+
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         gradient_checkpointing = bool(training_args and training_args.gradient_checkpointing)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    from medllm.dropout import use_cpu_dropout
-
     if lora_args.peft_path:
         if not os.path.isfile(os.path.join(lora_args.peft_path, "adapter_config.json")):
             raise MedLLMError(f"--peft_path {lora_args.peft_path}: no adapter_config.json there.")
         logger.info("Continuing the adapter in %s", lora_args.peft_path)
         model = PeftModel.from_pretrained(model, lora_args.peft_path, is_trainable=True)
-        use_cpu_dropout(model)
-        return model
-    modules_to_save = [m.strip() for m in lora_args.modules_to_save.split(",")] if lora_args.modules_to_save else None
-    config = LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
-        r=lora_args.lora_rank,
-        lora_alpha=lora_args.lora_alpha,
-        lora_dropout=lora_args.lora_dropout,
-        target_modules=lora_target_modules(model, lora_args.target_modules),
-        modules_to_save=modules_to_save,
-    )
-    model = get_peft_model(model, config)
+    else:
+        modules_to_save = ([m.strip() for m in lora_args.modules_to_save.split(",")] if lora_args.modules_to_save
+                           else None)
+        config = LoraConfig(
+            task_type=TaskType.CAUSAL_LM,
+            r=lora_args.lora_rank,
+            lora_alpha=lora_args.lora_alpha,
+            lora_dropout=lora_args.lora_dropout,
+            target_modules=lora_target_modules(model, lora_args.target_modules),
+            modules_to_save=modules_to_save,
+        )
+        model = get_peft_model(model, config)
+        trainable, total = model.get_nb_trainable_parameters()
+        logger.info("LoRA on %s: %d trainable of %d parameters (%.2f%%).", config.target_modules, trainable, total,
+                    100 * trainable / total)
     use_cpu_dropout(model)  # the same dropout, drawn faster where the model trains on a CPU
-    trainable, total = model.get_nb_trainable_parameters()
-    logger.info("LoRA on %s: %d trainable of %d parameters (%.2f%%).", config.target_modules, trainable, total,
-                100 * trainable / total)
     return model
