@@ -13,7 +13,7 @@ from typing import Any, Optional
 from medllm.errors import MedLLMError
 from medllm.packing import (IGNORE_INDEX, VARLEN_ATTENTION, CausalLMCollator, pack_documents, pack_examples,
                             register_varlen_attention, split_documents)
-from medllm.training import (NonFiniteLossGuard, cached_map, default_cache_dir, default_callbacks,
+from medllm.training import (NonFiniteLossGuard, ParameterCountOnce, cached_map, default_cache_dir, default_callbacks,
                              tokenizer_fingerprint)
 
 logger = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def perplexity(loss: float) -> float:
 def _trainer_class():
     from transformers import Trainer
 
-    class CausalLMTrainer(NonFiniteLossGuard, Trainer):
+    class CausalLMTrainer(NonFiniteLossGuard, ParameterCountOnce, Trainer):
         """Trainer that logs real (non-padding) tokens per second and eval perplexity."""
 
         def __init__(self, *args, **kwargs):

@@ -14,10 +14,27 @@ instead of 2.3 ms a reference pass and 3.4 instead of 6.4 ms a policy pass forwa
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 
 LOGITS_BUDGET = 1 << 25  # float32 logits (128 MB) a call keeps for its backward pass; beyond it, chunks are recomputed
 OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")  # trl's optional per-token outputs, in its order
+_scope = threading.local()  # .log_probs_only: inside log_probs_only()
+
+
+@contextlib.contextmanager
+def log_probs_only():
+    """Inside, trl's fused head (once :func:`use_fast_cpu_head` ran) computes the per-token log-probabilities alone:
+    for trl's reference passes, which read nothing else, while the policy's head also asks for the metrics'
+    entropy, mean logits and top-1."""
+    outer = getattr(_scope, "log_probs_only", False)
+    _scope.log_probs_only = True
+    try:
+        yield
+    finally:
+        _scope.log_probs_only = outer
 
 
 class CpuLogProbs(torch.autograd.Function):
@@ -97,7 +114,8 @@ def _logits(hidden, weight, bias, scale: float):
 
 
 def use_fast_cpu_head() -> None:
-    """Make trl's fused LM head score only the positions that carry a label on a CPU, with :class:`CpuLogProbs`.
+    """Make trl's fused LM head score only the positions that carry a label on a CPU, with :class:`CpuLogProbs`, and
+    only the log-probabilities inside :func:`log_probs_only` (any device).
 
     trl scores only those ("compact") on CUDA/XPU; elsewhere every position, to keep tile shapes fixed for compiling
     backends (Neuron). Nothing is compiled on a CPU: the reply tokens alone give the same losses in half the time.
@@ -117,6 +135,8 @@ def use_fast_cpu_head() -> None:
         @staticmethod
         def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
                   logit_scale=1.0, outputs=("log_probs",) + OUTPUTS):
+            if getattr(_scope, "log_probs_only", False):
+                outputs = ("log_probs",)
             fast = (hidden.device.type == "cpu" and final_logit_softcapping is None
                     and hidden.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"))
             function = CpuLogProbs if fast else chunked

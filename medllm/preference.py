@@ -35,9 +35,9 @@ from trl import DPOConfig, DPOTrainer
 
 from medllm.arguments import DataArguments, flag_given
 from medllm.errors import MedLLMError
-from medllm.logprobs import use_fast_cpu_head
-from medllm.training import (NonFiniteLossGuard, cached_map, default_callbacks, fingerprint, peak_memory_mb,
-                             tokenizer_fingerprint)
+from medllm.logprobs import log_probs_only, use_fast_cpu_head
+from medllm.training import (NonFiniteLossGuard, ParameterCountOnce, cached_map, default_callbacks, fingerprint,
+                             peak_memory_mb, tokenizer_fingerprint)
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def template_fingerprint(template) -> str:
 
 # --------------------------------------------------------------------------- trainer
 
-class DPOTrainerWithGuard(NonFiniteLossGuard, DPOTrainer):
+class DPOTrainerWithGuard(NonFiniteLossGuard, ParameterCountOnce, DPOTrainer):
     """trl's DPOTrainer on pairs tokenized here; stops at a non-finite loss; counts real and padded tokens."""
 
     def __init__(self, *args, **kwargs):
@@ -205,9 +205,7 @@ class DPOTrainerWithGuard(NonFiniteLossGuard, DPOTrainer):
         if model.training:
             mask = inputs["attention_mask"]
             real = int(mask.sum())
-            unwrapped = self.accelerator.unwrap_model(model)
-            backbone = (unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped).base_model
-            if getattr(backbone, "medllm_shares_prefixes", False):  # padding-free, shared prompts computed once
+            if self._shares_prefixes(model):  # padding-free, shared prompts computed once
                 computed = real - sum(common_prefix_lengths(inputs["input_ids"], mask))
             else:
                 computed = mask.numel()
@@ -215,6 +213,16 @@ class DPOTrainerWithGuard(NonFiniteLossGuard, DPOTrainer):
             self._token_counts[1] += real
             self._token_counts[2] += int(inputs["completion_mask"].sum())
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _shares_prefixes(self, model) -> bool:
+        """Whether ``model``'s backbone computes each pair's prompt once (looked up once per model: unwrapping walks
+        every module)."""
+        known = getattr(self, "_prefix_sharing", None)
+        if known is None or known[0] is not model:
+            unwrapped = self.accelerator.unwrap_model(model)
+            backbone = (unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped).base_model
+            known = self._prefix_sharing = (model, getattr(backbone, "medllm_shares_prefixes", False))
+        return known[1]
 
     def token_stats(self, runtime_s: float) -> dict[str, float]:
         """Real tokens per second (chosen and rejected rows, prompts counted in both, no padding), the padded
@@ -250,7 +258,8 @@ def switch_to_the_reference_cheaply() -> None:
     the number of layers. Anything else (a named adapter such as a continued adapter's "ref", prompt learning,
     ``--modules_to_save``, adapters already off, grad enabled) goes through trl's own path. trl's per-step
     ``is_peft_model`` (accelerate's, which reads the installed packages' metadata twice a call: 0.8 ms) is answered
-    once per model.
+    once per model. Reference passes (trl's, with or without a reference copy, switch checkpointing off around them)
+    score the log-probs only (:func:`~medllm.logprobs.log_probs_only`), not the policy's metrics.
     """
     import contextlib
     import weakref
@@ -299,7 +308,8 @@ def switch_to_the_reference_cheaply() -> None:
         for module in switched:
             module.gradient_checkpointing = False
         try:
-            yield
+            with log_probs_only():  # trl enters this only for its reference passes, which read the log-probs alone
+                yield
         finally:
             for module in switched:
                 module.gradient_checkpointing = True

@@ -182,6 +182,7 @@ def test_cheap_reference_switch_runs_the_base_and_restores_the_policy(tiny_model
     import torch
     import trl.trainer.dpo_trainer as trl_dpo
 
+    from medllm import logprobs
     from medllm.arguments import LoraArguments, ModelArguments
     from medllm.modeling import build_peft_model, load_model
     from medllm.preference import switch_to_the_reference_cheaply
@@ -204,7 +205,9 @@ def test_cheap_reference_switch_runs_the_base_and_restores_the_policy(tiny_model
         policy_logits = model(input_ids=ids).logits
         with trl_dpo.disable_gradient_checkpointing(model), trl_dpo.use_adapter(model, adapter_name=None):
             assert not model.get_base_model().model.layers[0].gradient_checkpointing
+            assert logprobs._scope.log_probs_only  # a reference pass scores the log-probs alone
             reference_logits = model(input_ids=ids).logits
+        assert not logprobs._scope.log_probs_only
         with model.disable_adapter():  # peft's own switch
             peft_reference_logits = model(input_ids=ids).logits
     assert not torch.allclose(policy_logits, base_logits, atol=1e-3)
@@ -329,7 +332,7 @@ def test_trls_fused_head_runs_the_cpu_head_only_where_it_applies():
     import torch
     import trl.trainer.utils as trl_utils
 
-    from medllm.logprobs import use_fast_cpu_head
+    from medllm.logprobs import log_probs_only, use_fast_cpu_head
 
     use_fast_cpu_head()
     use_fast_cpu_head()  # once is enough
@@ -341,6 +344,14 @@ def test_trls_fused_head_runs_the_cpu_head_only_where_it_applies():
     capped = head.apply(hidden, weight, None, targets, 1.0, 32768, 30.0, 1.0, ("log_probs",))[0]
     assert type(fast.grad_fn).__name__ == "CpuLogProbsBackward"
     assert {type(half.grad_fn).__name__, type(capped.grad_fn).__name__} == {"ChunkedLogProbFunctionBackward"}
+    every_output = ("log_probs", "entropy", "mean_logits", "is_top1")
+    for h, w in ((hidden, weight), (hidden.bfloat16(), weight.bfloat16())):  # ours and trl's function
+        full = head.apply(h, w, None, targets, 1.0, 32768, None, 1.0, every_output)
+        with log_probs_only():
+            alone = head.apply(h, w, None, targets, 1.0, 32768, None, 1.0, every_output)
+        assert all(x is not None for i, x in enumerate(full) if i != 2)  # [2] is log_sum_sq_probs, not asked for
+        assert all(x is None for x in alone[1:])
+        torch.testing.assert_close(alone[0], full[0])
 
 
 def test_padding_free_dpo_trains_as_the_padded_one(tmp_path, tiny_model_dir):

@@ -105,6 +105,37 @@ def test_non_finite_loss_stops_at_once_naming_the_step(tmp_path):
     assert not (tmp_path / "checkpoint-4").exists()
 
 
+def test_trainer_flops_count_the_parameters_once(tiny_model_dir, monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from medllm.arguments import LoraArguments, ModelArguments
+    from medllm.modeling import build_peft_model, load_model
+    from medllm.training import ParameterCountOnce
+
+    class Counting:
+        def floating_point_ops(self, inputs):
+            return -1
+
+    class Trainer(ParameterCountOnce, Counting):
+        model = build_peft_model(load_model(ModelArguments(model_name_or_path=tiny_model_dir)),
+                                 LoraArguments(target_modules="all"))
+
+    model, trainer = Trainer.model, Trainer()
+    parameters = model.num_parameters(exclude_embeddings=True)
+    embeddings = model.get_input_embeddings().weight.numel()
+    assert parameters == sum(p.numel() for p in model.parameters()) - embeddings  # LoRA included, embeddings not
+    calls = []
+    monkeypatch.setattr(type(model.get_base_model()), "num_parameters",
+                        lambda self, **kwargs: calls.append(kwargs) or parameters)
+    batch = {"input_ids": torch.zeros(4, 25, dtype=torch.long)}
+    assert [trainer.floating_point_ops(batch) for _ in range(3)] == [6 * 100 * parameters] * 3
+    assert calls == [{"exclude_embeddings": True}]
+    trainer.model = SimpleNamespace()  # no num_parameters: the trainer's own answer
+    assert trainer.floating_point_ops(batch) == -1
+
+
 def test_fp16_overflow_names_the_step_and_suggests_bf16(tmp_path):
     """The same guard reports an fp16 overflow (a GPU run) with the bf16 advice first."""
     from types import SimpleNamespace
