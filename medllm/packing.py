@@ -80,9 +80,9 @@ class AttentionPlan:
         def as_tensor(rows: list[list[int]], width: int):  # right-padded with token 0, which padding reads
             return torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.long, device=device)
 
-        # (query index [S, Lq], key index [S, Lk] or None (the queries'), mask [S, 1, Lq, Lk] or None, real [S, Lq])
+        # (query index [S, Lq], key index [S, Lk] or None (the queries'), mask [S, 1, Lq, Lk] or None)
         self.batches = []
-        produced = []  # the row position of each output token, in the order the batches produce them
+        produced = []  # the row position of each output slot of the batches, flattened and concatenated (-1: padding)
         segments = [s for s in segments if s[1] > s[0]]
         for causal in (True, False):
             group = [s for s in segments if (tuple(map(tuple, s[2])) == ((s[0], s[1]),)) == causal]
@@ -90,10 +90,9 @@ class AttentionPlan:
                 queries = [list(range(start, end)) for start, end, _ in batch]
                 keys = [[i for a, b in ranges for i in range(a, b)] for _, _, ranges in batch]
                 longest_query, longest_key = max(map(len, queries)), max(map(len, keys))
-                query_lengths = torch.tensor([len(q) for q in queries], device=device)
-                real = torch.arange(longest_query, device=device)[None, :] < query_lengths[:, None]
                 key_index, mask = None, None
                 if not causal:
+                    query_lengths = torch.tensor([len(q) for q in queries], device=device)
                     key_index = as_tensor(keys, longest_key)
                     key_lengths = torch.tensor([len(k) for k in keys], device=device)[:, None, None]
                     key_steps = torch.arange(longest_key, device=device)[None, None, :]
@@ -103,12 +102,13 @@ class AttentionPlan:
                     mask = (key_steps < key_lengths) & (
                         key_steps <= query_steps + key_lengths - query_lengths[:, None, None])
                     mask = mask[:, None]
-                self.batches.append((as_tensor(queries, longest_query), key_index, mask, real))
-                produced += [i for q in queries for i in q]
-        self.order = None  # where each row position is in the batches' output, unless they produce row order
-        if produced != sorted(produced):
-            self.order = torch.empty(len(produced), dtype=torch.long, device=device)
-            self.order[torch.tensor(produced, device=device)] = torch.arange(len(produced), device=device)
+                self.batches.append((as_tensor(queries, longest_query), key_index, mask))
+                produced += [i for q in queries for i in q + [-1] * (longest_query - len(q))]
+        # the output slot of each row position, unless the slots are the row in order
+        self.take = None
+        if produced != list(range(len(produced))):
+            slots = {position: slot for slot, position in enumerate(produced) if position >= 0}
+            self.take = torch.tensor([slots[position] for position in range(len(slots))], device=device)
 
     @staticmethod
     def _similar_sizes(segments: list[tuple]) -> list[list[tuple]]:
@@ -149,13 +149,13 @@ class AttentionPlan:
             return states[0][:, index].transpose(0, 1)
 
         pieces = []
-        for query_index, key_index, mask, real in self.batches:
+        for query_index, key_index, mask in self.batches:
             key_index = query_index if key_index is None else key_index
             output = attend(module, as_batch(query, query_index), as_batch(key, key_index),
                             as_batch(value, key_index), mask, is_causal=mask is None, **kwargs)[0]
-            pieces.append(output[real])  # [segments, longest, heads, dim] -> the real queries' outputs
+            pieces.append(output.flatten(0, 1))  # [segments, longest, heads, dim] -> [slots, heads, dim]
         output = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-        return (output if self.order is None else output[self.order])[None]
+        return (output if self.take is None else output[self.take])[None]  # the real queries' outputs, in row order
 
 
 def pack_documents(documents: Sequence[Sequence[int]], block_size: int) -> dict[str, list]:

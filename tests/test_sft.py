@@ -221,7 +221,10 @@ def test_attention_plan_equals_each_segment_alone():
                      (first_end, first_end + rejected, ((start, start + prompt), (first_end, first_end + rejected)))]
         start = first_end + rejected
     plan = AttentionPlan(segments)
-    assert 2 < len(plan.batches) < len(segments) - 1 and plan.order is not None  # batched, and put back in order
+    assert 2 < len(plan.batches) < len(segments) - 1 and plan.take is not None  # batched, and put back in order
+    assert len(plan.take) == len(set(plan.take.tolist())) == start  # one output slot per row position
+    in_order = AttentionPlan([(0, 4, ((0, 4),)), (4, 8, ((4, 8),))])  # one batch, no padding: nothing to gather
+    assert len(in_order.batches) == 1 and in_order.take is None
     module = types.SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
     torch.manual_seed(0)
     query, key, value = torch.randn(1, 4, start, 8), torch.randn(1, 2, start, 8), torch.randn(1, 2, start, 8)
