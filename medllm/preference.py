@@ -205,7 +205,8 @@ class DPOTrainerWithGuard(NonFiniteLossGuard, ParameterCountOnce, DPOTrainer):
         if model.training:
             mask = inputs["attention_mask"]
             real = int(mask.sum())
-            if self._shares_prefixes(model):  # padding-free, shared prompts computed once
+            causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            if getattr(causal_lm.base_model, "medllm_shares_prefixes", False):  # shared prompts computed once
                 computed = real - sum(common_prefix_lengths(inputs["input_ids"], mask))
             else:
                 computed = mask.numel()
@@ -213,16 +214,6 @@ class DPOTrainerWithGuard(NonFiniteLossGuard, ParameterCountOnce, DPOTrainer):
             self._token_counts[1] += real
             self._token_counts[2] += int(inputs["completion_mask"].sum())
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-    def _shares_prefixes(self, model) -> bool:
-        """Whether ``model``'s backbone computes each pair's prompt once (looked up once per model: unwrapping walks
-        every module)."""
-        known = getattr(self, "_prefix_sharing", None)
-        if known is None or known[0] is not model:
-            unwrapped = self.accelerator.unwrap_model(model)
-            backbone = (unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped).base_model
-            known = self._prefix_sharing = (model, getattr(backbone, "medllm_shares_prefixes", False))
-        return known[1]
 
     def token_stats(self, runtime_s: float) -> dict[str, float]:
         """Real tokens per second (chosen and rejected rows, prompts counted in both, no padding), the padded
