@@ -20,6 +20,10 @@ IGNORE_INDEX = -100  # label ignored by the loss (transformers' CrossEntropy ign
 POSITION_ISOLATED = ("flash_attention_2", "flash_attention_3", "flex_attention")
 # sdpa run document by document over a padding-free batch (see register_varlen_attention).
 VARLEN_ATTENTION = "sdpa_varlen"
+# A padding-free row of up to this many tokens is one masked sdpa call (AttentionPlan). DPO steps on the sample
+# data, CPU, 4 pairs a batch (about 200 tokens a row): 11% faster than the per-segment batches on the tiny model and
+# 8% on small; 8 pairs (about 400): 8% and 5%; 16 pairs (about 800): 14% slower (benchmarks/README.md).
+ONE_CALL_TOKENS = 512
 
 
 def register_varlen_attention() -> None:
@@ -27,8 +31,9 @@ def register_varlen_attention() -> None:
 
     A padding-free batch is one row holding every document of the batch, with ``cu_seq_lens_q`` (the
     documents' start offsets and the total, as flash attention's varlen kernels take them). Each document
-    attends to itself, causally: the same result as one document per row, without the padding, and without
-    computing the masked-out blocks a block-diagonal mask costs (which grow with the square of the row).
+    attends to itself, causally: the same result as one document per row, without the padding, and on rows longer
+    than :data:`ONE_CALL_TOKENS` without computing the masked-out blocks a block-diagonal mask costs (which grow
+    with the square of the row; :class:`AttentionPlan`).
     ``attention_segments`` (an :class:`AttentionPlan`) describes rows whose segments also see a shared prefix, as
     DPO's rejected replies see their prompt. Inputs with neither (generation, evaluation outside the trainer)
     get plain sdpa with its usual mask. The name never reaches a saved config.json.
@@ -66,24 +71,33 @@ class AttentionPlan:
     itself, causally (the i-th query sees every key before the segment and the segment's first i + 1). A
     document is ``(start, end, ((start, end),))``.
 
-    Segments are gathered into right-padded batches, one sdpa call each, so a layer makes a few calls instead of
-    one per segment: segments that see only themselves in causal calls (a real query never sees the padding,
-    which comes after it), the others with a boolean mask. Segments of similar size share a call: a batch is
-    closed when padding would more than double its attention area.
+    A row of up to ``one_call_tokens`` tokens is one sdpa call over the whole row with a ``[T, T]`` mask
+    (:attr:`mask`): it computes the blocks no segment needs too, but at a few hundred tokens the gathers, the extra
+    calls and their backward cost more than those blocks. Longer rows are gathered into right-padded batches of
+    segments, one sdpa call each (:attr:`batches`), so a layer makes a few calls instead of one per segment:
+    segments that see only themselves in causal calls (a real query never sees the padding, which comes after it),
+    the others with a boolean mask. Segments of similar size share a call: a batch is closed when padding would
+    more than double its attention area.
     """
 
     _last_documents: tuple = (None, None)  # (cu_seq_lens_q, its plan): the layers of one forward pass share it
 
-    def __init__(self, segments: Sequence[tuple], device=None):
+    def __init__(self, segments: Sequence[tuple], device=None, one_call_tokens: int = ONE_CALL_TOKENS):
         import torch
 
         def as_tensor(rows: list[list[int]], width: int):  # right-padded with token 0, which padding reads
             return torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.long, device=device)
 
-        # (query index [S, Lq], key index [S, Lk] or None (the queries'), mask [S, 1, Lq, Lk] or None)
-        self.batches = []
-        produced = []  # the row position of each output slot of the batches, flattened and concatenated (-1: padding)
         segments = [s for s in segments if s[1] > s[0]]
+        tokens = max((end for _, end, _ in segments), default=0)
+        # (query index [S, Lq], key index [S, Lk] or None (the queries'), mask [S, 1, Lq, Lk] or None)
+        self.batches: list[tuple] = []
+        self.take = None  # the output slot of each row position, unless the slots are the row in order
+        self.mask = self._row_mask(segments, tokens, device) if tokens <= one_call_tokens else None  # [1, 1, T, T]
+        self._additive_masks: dict = {}  # dtype -> self.mask as 0 / the dtype's minimum, built once per pass
+        if self.mask is not None:
+            return
+        produced = []  # the row position of each output slot of the batches, flattened and concatenated (-1: padding)
         for causal in (True, False):
             group = [s for s in segments if (tuple(map(tuple, s[2])) == ((s[0], s[1]),)) == causal]
             for batch in self._similar_sizes(group):
@@ -104,8 +118,6 @@ class AttentionPlan:
                     mask = mask[:, None]
                 self.batches.append((as_tensor(queries, longest_query), key_index, mask))
                 produced += [i for q in queries for i in q + [-1] * (longest_query - len(q))]
-        # the output slot of each row position, unless the slots are the row in order
-        self.take = None
         if produced != list(range(len(produced))):
             slots = {position: slot for slot, position in enumerate(produced) if position >= 0}
             self.take = torch.tensor([slots[position] for position in range(len(slots))], device=device)
@@ -129,6 +141,21 @@ class AttentionPlan:
                 longest_query, longest_key, needed = queries, keys, queries * keys
         return batches
 
+    @staticmethod
+    def _row_mask(segments: list[tuple], tokens: int, device):
+        """``[1, 1, T, T]``, True where a query of the row may attend to a key, by the rule of the segments."""
+        import torch
+
+        mask = torch.zeros(tokens, tokens, dtype=torch.bool, device=device)
+        for start, end, key_ranges in segments:
+            *before, (own_start, own_end) = key_ranges
+            for key_start, key_end in before:
+                mask[start:end, key_start:key_end] = True
+            own, queries = own_end - own_start, end - start
+            mask[start:end, own_start:own_end] = torch.ones(queries, own, dtype=torch.bool, device=device).tril(
+                own - queries)
+        return mask[None, None]
+
     @classmethod
     def for_documents(cls, bounds) -> "AttentionPlan":
         """The plan of documents that each attend to themselves (``bounds``: start offsets and the total)."""
@@ -144,6 +171,14 @@ class AttentionPlan:
         """Attention of one row ``[1, heads, tokens, dim]`` by this plan; returns ``[1, tokens, heads, dim]``.
         ``attend`` is transformers' ``sdpa_attention_forward``."""
         import torch
+
+        if self.mask is not None:  # sdpa turns a boolean mask into an additive one at every call: done once here
+            additive = self._additive_masks.get(query.dtype)
+            if additive is None:
+                additive = torch.zeros(self.mask.shape, dtype=query.dtype, device=query.device)
+                additive = self._additive_masks[query.dtype] = additive.masked_fill_(
+                    ~self.mask, torch.finfo(query.dtype).min)
+            return attend(module, query, key, value, additive, is_causal=False, **kwargs)[0]
 
         def as_batch(states, index):  # [1, heads, tokens, dim] -> [segments, heads, longest, dim]
             return states[0][:, index].transpose(0, 1)

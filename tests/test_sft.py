@@ -179,14 +179,15 @@ def test_padding_free_batch_gives_the_padded_loss_and_gradients(tiny_model_dir, 
         assert max((a - b).abs().max().item() for a, b in zip(grads, padded_grads)) < 1e-5
 
 
-@pytest.mark.parametrize("lengths", [[30, 28, 35, 31], [120, 5, 9, 3, 40]])  # one batched call; batches of similar sizes
+# rows of up to ONE_CALL_TOKENS: one masked call; longer rows: batches of documents of similar sizes
+@pytest.mark.parametrize("lengths", [[30, 28, 35, 31], [120, 5, 9, 3, 40], [300, 150, 9, 90]])
 def test_varlen_attention_equals_each_document_alone(lengths):
     import types
 
     import torch
     from transformers import AttentionInterface
 
-    from medllm.packing import VARLEN_ATTENTION, register_varlen_attention
+    from medllm.packing import ONE_CALL_TOKENS, VARLEN_ATTENTION, AttentionPlan, register_varlen_attention
 
     register_varlen_attention()
     attend = AttentionInterface()[VARLEN_ATTENTION]
@@ -197,6 +198,7 @@ def test_varlen_attention_equals_each_document_alone(lengths):
     bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     output, _ = attend(module, query, key, value, None, scaling=0.35, cu_seq_lens_q=bounds)
     assert output.shape == (1, total, 4, 8)
+    assert (AttentionPlan.for_documents(bounds).mask is None) == (total > ONE_CALL_TOKENS)  # the path taken
     for start, end in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
         alone = torch.nn.functional.scaled_dot_product_attention(
             query[:, :, start:end], key[:, :, start:end].repeat_interleave(2, 1),
@@ -204,8 +206,10 @@ def test_varlen_attention_equals_each_document_alone(lengths):
         assert torch.allclose(output[0, start:end], alone[0].transpose(0, 1), atol=1e-5)
 
 
-def test_attention_plan_equals_each_segment_alone():
-    """Segments that see a prefix (DPO's rejected replies) and documents of mixed sizes, batched by the plan."""
+@pytest.mark.parametrize("one_call_tokens", [0, 512])  # per-segment batches; one masked call over the row
+def test_attention_plan_equals_each_segment_alone(one_call_tokens):
+    """Segments that see a prefix (DPO's rejected replies) and documents of mixed sizes, by either path of the plan:
+    outputs equal each segment's attention alone, and gradients equal the other path's."""
     import types
 
     import torch
@@ -220,14 +224,23 @@ def test_attention_plan_equals_each_segment_alone():
         segments += [(start, first_end, ((start, first_end),)),
                      (first_end, first_end + rejected, ((start, start + prompt), (first_end, first_end + rejected)))]
         start = first_end + rejected
-    plan = AttentionPlan(segments)
-    assert 2 < len(plan.batches) < len(segments) - 1 and plan.take is not None  # batched, and put back in order
-    assert len(plan.take) == len(set(plan.take.tolist())) == start  # one output slot per row position
-    in_order = AttentionPlan([(0, 4, ((0, 4),)), (4, 8, ((4, 8),))])  # one batch, no padding: nothing to gather
-    assert len(in_order.batches) == 1 and in_order.take is None
+    plan = AttentionPlan(segments, one_call_tokens=one_call_tokens)
+    if one_call_tokens:
+        assert plan.mask.shape == (1, 1, start, start) and not plan.batches
+        alone = torch.zeros(11, start, dtype=torch.bool)  # the pair (7, 4, 0) at 128..139: causal over itself alone
+        alone[:, 128:139] = torch.ones(11, 11, dtype=torch.bool).tril()
+        assert torch.equal(plan.mask[0, 0, 128:139], alone)
+        assert int(plan.mask.sum()) == sum((e - s) * (sum(b - a for a, b in r) - (e - s) + (e - s + 1) / 2)
+                                           for s, e, r in segments)
+    else:
+        assert plan.mask is None and 2 < len(plan.batches) < len(segments) - 1  # batched, and put back in order
+        assert len(plan.take) == len(set(plan.take.tolist())) == start  # one output slot per row position
+        in_order = AttentionPlan([(0, 4, ((0, 4),)), (4, 8, ((4, 8),))], one_call_tokens=0)
+        assert len(in_order.batches) == 1 and in_order.take is None  # one batch, no padding: nothing to gather
     module = types.SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
     torch.manual_seed(0)
-    query, key, value = torch.randn(1, 4, start, 8), torch.randn(1, 2, start, 8), torch.randn(1, 2, start, 8)
+    states = [torch.randn(1, heads, start, 8, requires_grad=True) for heads in (4, 2, 2)]
+    query, key, value = states
     output = plan.attend(sdpa_attention_forward, module, query, key, value, scaling=0.35)
     assert output.shape == (1, start, 4, 8)
     for query_start, query_end, key_ranges in segments:
@@ -240,6 +253,12 @@ def test_attention_plan_equals_each_segment_alone():
             query[:, :, query_start:query_end], key[:, :, keys].repeat_interleave(2, 1),
             value[:, :, keys].repeat_interleave(2, 1), attn_mask=visible, scale=0.35)
         assert torch.allclose(output[0, query_start:query_end], alone[0].transpose(0, 1), atol=1e-5)
+    weights = torch.randn(output.shape)
+    grads = torch.autograd.grad((output * weights).sum(), states)
+    other = AttentionPlan(segments, one_call_tokens=512 - one_call_tokens)
+    other_grads = torch.autograd.grad((other.attend(sdpa_attention_forward, module, *states, scaling=0.35)
+                                       * weights).sum(), states)
+    assert max((a - b).abs().max().item() for a, b in zip(grads, other_grads)) < 1e-5
 
 
 # --------------------------------------------------------------------------- end to end
