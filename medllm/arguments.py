@@ -252,6 +252,7 @@ def parse_args(argv: Optional[list[str]], *dataclass_types: type) -> tuple[Any, 
     _check_deepspeed(argv)
     user_set_report_to = flag_given(argv, "--report_to")
     parser = HfArgumentParser(dataclass_types, allow_abbrev=False, conflict_handler="resolve")
+    _bare_flags_mean_true(parser)
     cli_cache.save(parser)
     namespace, unknown = parser.parse_known_args(argv)
     if unknown:
@@ -264,6 +265,17 @@ def parse_args(argv: Optional[list[str]], *dataclass_types: type) -> tuple[Any, 
             args.report_to = ["tensorboard"]
     _post_process(parsed)
     return tuple(parsed)
+
+
+def _bare_flags_mean_true(parser) -> None:
+    """``--flag`` alone means ``--flag True`` for every boolean flag, those whose default is worked out later
+    (``Optional[bool] = None``: ``--bf16`` in trl's configs, ``--padding_free``, DPO's ``--gradient_checkpointing``)
+    included, which HfArgumentParser leaves needing a value."""
+    from transformers.hf_argparser import string_to_bool
+
+    for action in parser._actions:
+        if action.type is string_to_bool and action.nargs is None and action.option_strings:
+            action.nargs, action.const = "?", True
 
 
 def _check_deepspeed(argv: list[str]) -> None:

@@ -139,12 +139,12 @@ def test_defaults_depend_on_lora_and_unknown_flags_are_errors():
     from medllm.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, parse_args
     from medllm.preference import DPOArguments, apply_dpo_defaults
 
-    def parsed(*flags: str):
+    def parsed(*flags: str, data: bool = False):
         argv = ["--output_dir", "/tmp/unused", *flags]
         model_args, data_args, lora_args, _, training_args = parse_args(
             argv, ModelArguments, DataArguments, LoraArguments, RunArguments, DPOArguments)
         apply_dpo_defaults(argv, training_args, data_args, lora_args, model_args)
-        return training_args
+        return data_args if data else training_args
 
     assert parsed().learning_rate == 5e-5  # LoRA
     assert parsed("--use_peft", "False").learning_rate == 5e-6
@@ -154,10 +154,34 @@ def test_defaults_depend_on_lora_and_unknown_flags_are_errors():
     assert parsed("--beta", "0.5", "--loss_type", "ipo").loss_type == ["ipo"]
     assert parsed("--trust_remote_code", "True").trust_remote_code is True
     assert parsed().bf16 is False  # trl's bf16 default is kept off a CPU
+    assert parsed().gradient_checkpointing is False  # trl's default (on) is kept off a CPU too
+    assert parsed("--gradient_checkpointing").gradient_checkpointing is True  # bare: on, as for any boolean flag
+    assert parsed("--gradient_checkpointing", "False").gradient_checkpointing is False
+    assert parsed("--padding_free", data=True).padding_free is True
+    assert parsed("--padding_free", "false", data=True).padding_free is False
+    assert parsed(data=True).padding_free is None  # worked out when the model is known
     for bad in (["--bogus", "1"], ["--max_len", "10"]):  # misspelt or abbreviated
         with pytest.raises(SystemExit) as error:
             parsed(*bad)
         assert error.value.code == 2
+
+
+def test_gradient_checkpointing_defaults_on_only_where_an_accelerator_trains():
+    from unittest import mock
+
+    import torch
+
+    from medllm.preference import DPOArguments
+
+    def checkpointing(**kwargs) -> bool:
+        return DPOArguments(output_dir="/tmp/unused", report_to="none", **kwargs).gradient_checkpointing
+
+    assert checkpointing() is False  # no accelerator here
+    with mock.patch.object(torch.accelerator, "is_available", return_value=True):
+        assert checkpointing() is True  # trl's default, where it saves accelerator memory
+        assert checkpointing(use_cpu=True) is False
+        assert checkpointing(gradient_checkpointing=False) is False
+    assert checkpointing(gradient_checkpointing=True) is True
 
 
 # --------------------------------------------------------------------------- training
