@@ -52,7 +52,7 @@ class DPOArguments(DPOConfig):
 
     Five changes: bf16 defaults on only where a CUDA GPU supports it (trl turns it on everywhere, which stops a
     CPU run at start-up); gradient checkpointing defaults on only where the model trains on an accelerator (on
-    a CPU, where memory is not what limits a run, it made LoRA DPO steps 1.5-1.9x slower: benchmarks/README.md);
+    a CPU, where memory is not what limits a run, it made LoRA DPO steps 1.4-1.9x slower: benchmarks/README.md);
     several processes on a machine without an accelerator train on the CPU together (without ``use_cpu`` each
     torchrun process would train alone on all the data); ``trust_remote_code`` comes from ModelArguments (one
     flag, one place); and ``--padding_free`` is the toolkit's (DataArguments: on by default, exact on sdpa),
@@ -62,19 +62,20 @@ class DPOArguments(DPOConfig):
     trust_remote_code: bool = field(default=False, init=False)
     padding_free: Optional[bool] = field(
         default=None, metadata=next(f.metadata for f in dataclasses.fields(DataArguments) if f.name == "padding_free"))
-    gradient_checkpointing: Optional[bool] = field(
-        default=None, metadata={"help": "Recompute activations in the backward pass to save memory, at the cost of "
-                                        "a slower step. Default: on when training on an accelerator (GPU), off on "
-                                        "a CPU."})
+    gradient_checkpointing: Optional[bool] = field(  # transformers' deprecated alias, the MedicalGPT family's name
+        default=None, metadata={"nargs": "?", "const": True, "help": (
+            "Alias of --activation_checkpointing: recompute activations in the backward pass to save memory, at the "
+            "cost of a slower step. Default in DPO: on when training on an accelerator (GPU), off on a CPU.")})
 
     def __post_init__(self):
         if self.bf16 is None:
             self.bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
             self.use_cpu = True  # read when the devices are set up, inside the parent's __post_init__
-        if self.gradient_checkpointing is None:
-            self.gradient_checkpointing = not self.use_cpu and torch.accelerator.is_available()
-        super().__post_init__()
+        if self.gradient_checkpointing is None and self.activation_checkpointing is None:
+            on_cpu = self.use_cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+            self.activation_checkpointing = not on_cpu and torch.accelerator.is_available()
+        super().__post_init__()  # makes gradient_checkpointing mirror activation_checkpointing
 
 
 def apply_dpo_defaults(argv: Sequence[str], training_args, data_args, lora_args, model_args) -> None:

@@ -75,3 +75,22 @@ def test_good_arguments_pass_the_check(tmp_path):
     namespace = parser.parse_args(["--lr", "3e-4", "--bf16"])
     assert (namespace.lr, namespace.bf16) == (3e-4, True)
     assert parser.parse_args(["--bf16", "false"]).bf16 is False
+
+
+def test_a_bare_boolean_flag_means_true_in_the_saved_parser_too(tmp_path, monkeypatch):
+    import json
+
+    from medllm import cli_cache
+    from medllm.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, parse_args
+    from medllm.preference import DPOArguments
+
+    saved = tmp_path / "dpo_training.json"
+    monkeypatch.setattr(cli_cache, "_target", saved)
+    dataclasses = (ModelArguments, DataArguments, LoraArguments, RunArguments, DPOArguments)
+    bare = ["--padding_free", "--gradient_checkpointing", "--ddp_find_unused_parameters"]  # Optional[bool] = None
+    *_, data_args, _, _, training_args = parse_args(["--output_dir", str(tmp_path), *bare], *dataclasses)
+    assert data_args.padding_free is True and training_args.gradient_checkpointing is True
+    assert training_args.ddp_find_unused_parameters is True
+    namespace = cli_cache._rebuild(json.loads(saved.read_text())).parse_args(["--output_dir", "x", *bare, "--bf16"])
+    assert (namespace.padding_free, namespace.gradient_checkpointing, namespace.bf16) == (True, True, True)
+    assert namespace.ddp_find_unused_parameters is True

@@ -136,6 +136,10 @@ def test_long_prompt_is_cut_from_the_left_and_replies_from_the_right(tokenizer_a
 
 
 def test_defaults_depend_on_lora_and_unknown_flags_are_errors():
+    from unittest import mock
+
+    import torch
+
     from medllm.arguments import DataArguments, LoraArguments, ModelArguments, RunArguments, parse_args
     from medllm.preference import DPOArguments, apply_dpo_defaults
 
@@ -154,9 +158,11 @@ def test_defaults_depend_on_lora_and_unknown_flags_are_errors():
     assert parsed("--beta", "0.5", "--loss_type", "ipo").loss_type == ["ipo"]
     assert parsed("--trust_remote_code", "True").trust_remote_code is True
     assert parsed().bf16 is False  # trl's bf16 default is kept off a CPU
-    assert parsed().gradient_checkpointing is False  # trl's default (on) is kept off a CPU too
+    with mock.patch.object(torch.accelerator, "is_available", return_value=False):
+        assert parsed().gradient_checkpointing is False  # trl's default (on) is kept off a CPU too
     assert parsed("--gradient_checkpointing").gradient_checkpointing is True  # bare: on, as for any boolean flag
     assert parsed("--gradient_checkpointing", "False").gradient_checkpointing is False
+    assert parsed("--activation_checkpointing", "True").gradient_checkpointing is True  # transformers' new name
     assert parsed("--padding_free", data=True).padding_free is True
     assert parsed("--padding_free", "false", data=True).padding_free is False
     assert parsed(data=True).padding_free is None  # worked out when the model is known
@@ -174,13 +180,19 @@ def test_gradient_checkpointing_defaults_on_only_where_an_accelerator_trains():
     from medllm.preference import DPOArguments
 
     def checkpointing(**kwargs) -> bool:
-        return DPOArguments(output_dir="/tmp/unused", report_to="none", **kwargs).gradient_checkpointing
+        args = DPOArguments(output_dir="/tmp/unused", report_to="none", **kwargs)
+        assert args.activation_checkpointing == args.gradient_checkpointing  # what the Trainer reads
+        return args.gradient_checkpointing
 
-    assert checkpointing() is False  # no accelerator here
+    with mock.patch.object(torch.accelerator, "is_available", return_value=False):
+        assert checkpointing() is False
     with mock.patch.object(torch.accelerator, "is_available", return_value=True):
         assert checkpointing() is True  # trl's default, where it saves accelerator memory
         assert checkpointing(use_cpu=True) is False
+        with mock.patch.dict(os.environ, {"ACCELERATE_USE_CPU": "true"}):
+            assert checkpointing() is False
         assert checkpointing(gradient_checkpointing=False) is False
+        assert checkpointing(activation_checkpointing=False) is False
     assert checkpointing(gradient_checkpointing=True) is True
 
 
