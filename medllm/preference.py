@@ -63,7 +63,7 @@ class DPOArguments(DPOConfig):
     padding_free: Optional[bool] = field(
         default=None, metadata=next(f.metadata for f in dataclasses.fields(DataArguments) if f.name == "padding_free"))
     gradient_checkpointing: Optional[bool] = field(  # transformers' deprecated alias, the MedicalGPT family's name
-        default=None, metadata={"nargs": "?", "const": True, "help": (
+        default=None, metadata={"help": (
             "Alias of --activation_checkpointing: recompute activations in the backward pass to save memory, at the "
             "cost of a slower step. Default in DPO: on when training on an accelerator (GPU), off on a CPU.")})
 
@@ -73,7 +73,9 @@ class DPOArguments(DPOConfig):
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
             self.use_cpu = True  # read when the devices are set up, inside the parent's __post_init__
         if self.gradient_checkpointing is None and self.activation_checkpointing is None:
-            on_cpu = self.use_cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+            from transformers.utils.generic import strtobool
+
+            on_cpu = self.use_cpu or strtobool(os.environ.get("ACCELERATE_USE_CPU", "False"))  # as the Trainer reads it
             self.activation_checkpointing = not on_cpu and torch.accelerator.is_available()
         super().__post_init__()  # makes gradient_checkpointing mirror activation_checkpointing
 

@@ -86,9 +86,9 @@ def test_a_bare_boolean_flag_means_true_in_the_saved_parser_too(tmp_path, monkey
 
     saved = tmp_path / "dpo_training.json"
     monkeypatch.setattr(cli_cache, "_target", saved)
-    dataclasses = (ModelArguments, DataArguments, LoraArguments, RunArguments, DPOArguments)
+    stage_arguments = (ModelArguments, DataArguments, LoraArguments, RunArguments, DPOArguments)
     bare = ["--padding_free", "--gradient_checkpointing", "--ddp_find_unused_parameters"]  # Optional[bool] = None
-    *_, data_args, _, _, training_args = parse_args(["--output_dir", str(tmp_path), *bare], *dataclasses)
+    *_, data_args, _, _, training_args = parse_args(["--output_dir", str(tmp_path), *bare], *stage_arguments)
     assert data_args.padding_free is True and training_args.gradient_checkpointing is True
     assert training_args.ddp_find_unused_parameters is True
     namespace = cli_cache._rebuild(json.loads(saved.read_text())).parse_args(["--output_dir", "x", *bare, "--bf16"])
