@@ -186,9 +186,12 @@ def test_bench_smoke_reports_every_figure(tmp_path):
     assert "| micro | pt packed |" in (tmp_path / "bench.md").read_text()
 
 
-def test_dpo_paired_timing_prints_both_modes(tmp_path, tiny_model_dir):
-    result = run_script("benchmarks/dpo_paired.py", "--model_name_or_path", tiny_model_dir, "--steps", "5",
+@pytest.mark.parametrize("comparison, ours, baseline", [("dpo", "shared prompt", "padded"),
+                                                      ("loss", "cpu loss", "transformers loss"),
+                                                      ("dropout", "CpuDropout", "nn.Dropout")])
+def test_paired_timing_prints_both_variants(tmp_path, tiny_model_dir, comparison, ours, baseline):
+    result = run_script("benchmarks/paired.py", comparison, "--model_name_or_path", tiny_model_dir, "--steps", "5",
                         "--work_dir", str(tmp_path), timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     line = next(line for line in result.stdout.splitlines() if "steps timed" in line)
-    assert line.startswith("2 steps timed") and "shared prompt" in line and "padded / shared per step" in line
+    assert "2 steps timed" in line and f"{ours} " in line and f"{baseline} / {ours} per step: median" in line

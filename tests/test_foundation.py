@@ -140,7 +140,7 @@ def test_model_folder_without_weights_is_a_clear_error(tmp_path, tiny_model_dir)
 def test_cpu_dropout_drops_with_probability_p_and_keeps_the_expectation():
     import torch
 
-    from medllm.dropout import CpuDropout
+    from medllm.dropout import RANDOM_BITS, CpuDropout
 
     torch.manual_seed(0)
     dropout = CpuDropout(0.05).train()
@@ -149,7 +149,8 @@ def test_cpu_dropout_drops_with_probability_p_and_keeps_the_expectation():
     dropped = (outputs == 0).double().mean().item()
     assert abs(dropped - 0.05) < 0.0015  # 7 standard deviations of a binomial share at n = 1e6
     kept = outputs[outputs != 0].unique()
-    assert kept.tolist() == [pytest.approx(2 ** 31 / (2 ** 31 - round(0.05 * 2 ** 31)), rel=1e-6)]
+    assert kept.tolist() == [pytest.approx(2 ** RANDOM_BITS / (2 ** RANDOM_BITS - round(0.05 * 2 ** RANDOM_BITS)),
+                                           rel=1e-6)]
     assert outputs.mean().item() == pytest.approx(1.0, abs=0.002)
     upstream = torch.randn(1_000_000)
     outputs.backward(upstream)
@@ -158,6 +159,22 @@ def test_cpu_dropout_drops_with_probability_p_and_keeps_the_expectation():
     assert torch.equal(dropout(inputs), outputs)  # torch's generator: a seed repeats the mask
     assert torch.equal(dropout.eval()(inputs), inputs)
     assert torch.equal(CpuDropout(0.0).train()(inputs), inputs)
+
+
+def test_cpu_dropout_draws_every_element_alike():
+    """Each 64-bit draw gives four elements: each of the four places must drop at p, the top one too (a draw of
+    non-negative numbers only would never drop it)."""
+    import torch
+
+    from medllm.dropout import CpuDropout
+
+    torch.manual_seed(1)
+    for p in (0.05, 0.5, 0.9):
+        outputs = CpuDropout(p).train()(torch.ones(400_000, 3))  # an odd width: places cut across rows
+        dropped = (outputs.flatten() == 0).double().view(-1, 4).mean(dim=0)  # per place within a draw
+        assert dropped.sub(p).abs().max().item() < 0.005, (p, dropped)  # 5 standard deviations at p = 0.5
+    tiny_p = CpuDropout(2 ** -18).train()  # below the draws' resolution: nn.Dropout's own mask
+    assert tiny_p(torch.ones(10)).eq(1 / (1 - 2 ** -18)).all()
 
 
 def test_lora_layers_get_the_cpu_dropout(tiny_model_dir):

@@ -101,6 +101,70 @@ def test_packed_documents_lose_as_separate(tiny_model_dir, attn):
     assert abs(packed.loss.item() - separate_mean.item()) < 1e-4  # no loss across the document boundary
 
 
+@pytest.mark.parametrize("reduction", [{}, {"num_items_in_batch": 23}, {"num_items_in_batch": "tensor"},
+                                       {"shift_labels": True}])
+def test_cpu_cross_entropy_equals_transformers_loss(monkeypatch, reduction):
+    """The CPU loss gives transformers' ForCausalLMLoss's value and gradients, over several chunks, with ignored
+    labels (a whole row of them too), each reduction and precomputed shift_labels."""
+    import torch
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from medllm import logprobs
+
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 3 * 50)  # 3 tokens a chunk: 24 chunks of 72 tokens
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 36, 16, generator=generator, requires_grad=True)
+    head = torch.randn(50, 16, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 36), generator=generator)
+    labels[0, :5] = labels[1, 30:] = -100
+    kwargs = dict(reduction)
+    if kwargs.get("num_items_in_batch") == "tensor":
+        kwargs["num_items_in_batch"] = torch.tensor(23)
+    if kwargs.pop("shift_labels", False):
+        kwargs["shift_labels"] = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].contiguous()
+        labels = torch.full_like(labels, 7)  # ignored when shift_labels are given
+    results = []
+    for loss_function in (ForCausalLMLoss, logprobs.causal_lm_loss):
+        hidden.grad = head.grad = None
+        loss = loss_function(hidden @ head.t(), labels, 50, **kwargs)
+        loss.backward()
+        results.append((loss.item(), hidden.grad.clone(), head.grad.clone()))
+    (stock, stock_hidden, stock_head), (fast, fast_hidden, fast_head) = results
+    assert fast == pytest.approx(stock, rel=1e-6)
+    assert torch.allclose(fast_hidden, stock_hidden, atol=1e-7) and torch.allclose(fast_head, stock_head, atol=1e-7)
+    assert stock_hidden[0, :4].abs().sum() == 0 and fast_hidden[1, 29:].abs().sum() == 0  # ignored: no gradient
+
+
+def test_cpu_cross_entropy_is_the_models_loss_on_a_cpu(tiny_model_dir):
+    """use_fast_cpu_loss gives a (peft) causal LM the CPU loss, whose forward and backward match the stock one;
+    logits other than float32 go to transformers' loss."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from medllm.arguments import LoraArguments
+    from medllm.logprobs import causal_lm_loss, use_fast_cpu_loss
+    from medllm.modeling import build_peft_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    peft_model = build_peft_model(model, LoraArguments(use_peft=True, target_modules="all", lora_dropout=0.0))
+    input_ids = torch.randint(10, 1000, (2, 20), generator=torch.Generator().manual_seed(0))
+    results = []
+    for install in (False, True):
+        if install:
+            assert use_fast_cpu_loss(peft_model) and model.loss_function is causal_lm_loss
+        peft_model.zero_grad()
+        loss = peft_model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in peft_model.parameters() if p.requires_grad]))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(results[0][1], results[1][1]))
+    logits, labels = torch.randn(1, 5, 1024, dtype=torch.bfloat16), torch.randint(0, 1024, (1, 5))
+    assert torch.equal(causal_lm_loss(logits, labels, 1024), ForCausalLMLoss(logits, labels, 1024))  # not float32
+    model.loss_function = lambda *args, **kwargs: None  # a model's own loss is kept
+    assert not use_fast_cpu_loss(model)
+
+
 # --------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")
