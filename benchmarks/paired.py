@@ -15,7 +15,8 @@ and the median of the per-step ratios (baseline / ours) is printed. The comparis
   ``ForCausalLMLoss``.
 - ``dropout``: LoRA's ``medllm.dropout.CpuDropout`` against ``nn.Dropout`` of the same ``p``.
 
-The stage runs with bench.py's flags for ``--run`` (default: the comparison's own); extra arguments go to the stage.
+``loss`` and ``dropout`` apply to PT and SFT runs (trl computes DPO's loss itself and turns dropout off). The stage
+runs with bench.py's flags for ``--run`` (default: the comparison's own); extra arguments go to the stage.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ SCRIPTS = {"pt": "pretraining.py", "sft": "supervised_finetuning.py", "dpo": "dp
 
 
 class Comparison(NamedTuple):
-    run: str  # bench.py's run whose flags the stage gets
+    run: str  # bench.py's run whose flags the stage gets by default
+    stages: tuple  # the stages it applies to
     ours: str
     baseline: str
     switch: Callable  # switch(trainer, variant name): make the trainer's model run that variant
@@ -62,17 +64,22 @@ def switch_dropout(trainer, variant: str) -> None:
     from medllm.dropout import CpuDropout
 
     kind = CpuDropout if variant == "CpuDropout" else torch.nn.Dropout
+    switched = 0
     for module in trainer.model.modules():
         dropouts = getattr(module, "lora_dropout", None)
         if isinstance(dropouts, torch.nn.ModuleDict):
             for name, dropout in dropouts.items():
-                dropouts[name] = kind(dropout.p).train(dropout.training)
+                if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
+                    dropouts[name] = kind(dropout.p, inplace=dropout.inplace).train(dropout.training)
+                    switched += 1
+    if not switched:
+        raise SystemExit("paired.py dropout: this run has no LoRA dropout to switch (LoRA with --lora_dropout > 0).")
 
 
 COMPARISONS = {
-    "dpo": Comparison("dpo shared prompt", "shared prompt", "padded", switch_attention),
-    "loss": Comparison("pt packed", "cpu loss", "transformers loss", switch_loss),
-    "dropout": Comparison("pt packed", "CpuDropout", "nn.Dropout", switch_dropout),
+    "dpo": Comparison("dpo shared prompt", ("dpo",), "shared prompt", "padded", switch_attention),
+    "loss": Comparison("pt packed", ("pt", "sft"), "cpu loss", "transformers loss", switch_loss),
+    "dropout": Comparison("pt packed", ("pt", "sft"), "CpuDropout", "nn.Dropout", switch_dropout),
 }
 
 
@@ -94,6 +101,9 @@ def main() -> None:
     run = next((r for r in bench.RUNS if r.name == (args.run or comparison.run)), None)
     if run is None:
         parser.error(f"--run {args.run!r}: not one of bench.py's runs ({', '.join(r.name for r in bench.RUNS)})")
+    if run.stage not in comparison.stages:  # DPO's loss is trl's own, and trl turns dropout off
+        stages = " and ".join(stage.upper() for stage in comparison.stages)
+        parser.error(f"{args.comparison} applies to {stages} runs, not {run.name!r}")
     variants = (comparison.ours, comparison.baseline)
     times: dict[str, list[float]] = {variant: [] for variant in variants}
     training_step = transformers.Trainer.training_step

@@ -6,8 +6,8 @@ writes the log-softmax of every logit, then in the backward pass a one-hot gradi
 log-softmax's gradient: three fresh tensors the size of the logits ([2048, 7333] floats, 60 MB, in a ``small`` PT
 step), each paid for in page faults as well as passes. :class:`CpuCrossEntropy` keeps one log-sum-exp per token and
 turns the logits into their own gradient in place, chunk by chunk: on the benchmark machine it adds a few ms to the
-head's matrix products where transformers' loss adds 80-90, ``small`` PT steps are 4.6% faster and their peak memory
-300 MB lower (benchmarks/README.md).
+head's matrix products where transformers' loss adds 80-90, and ``small`` PT steps are 4.6% faster
+(benchmarks/README.md).
 
 DPO: trl scores DPO's tokens through ``ChunkedLogProbFunction``: tiles of the head's projection folded into online
 log-sum-exp statistics by a Triton kernel on CUDA/XPU. Elsewhere the kernel is emulated in torch, a dozen passes over
@@ -167,12 +167,16 @@ class CpuCrossEntropy(torch.autograd.Function):
     The backward pass writes the gradient over the logits themselves (softmax minus one-hot, times the loss's
     gradient), so ``logits`` hold that gradient after it: :func:`causal_lm_loss` passes the model's own head output,
     which nothing reads after the loss. Had another op saved them for its own backward pass, autograd would raise
-    its in-place error there rather than use the overwritten values.
+    its in-place error there rather than use the overwritten values. Leaf logits (a tensor a caller made, not an op's
+    output) are copied first, so a caller's own tensor is never overwritten.
     """
 
     @staticmethod
     def forward(ctx, logits, targets, ignore_index: int, denominator):
-        log_z = torch.empty(logits.shape[0], dtype=logits.dtype)
+        owner = logits if logits._base is None else logits._base  # the tensor whose memory the logits are
+        if ctx.needs_input_grad[0] and owner.grad_fn is None:  # a caller's leaf tensor: overwrite a copy
+            logits = logits.clone()
+        log_z = torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device)
         rows = max(1, CHUNK_ELEMENTS // logits.shape[1])
         for start in range(0, logits.shape[0], rows):
             torch.logsumexp(logits[start:start + rows], dim=-1, out=log_z[start:start + rows])
@@ -186,19 +190,20 @@ class CpuCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         logits, log_z, targets, labelled = ctx.saved_tensors
-        row_scale = labelled.to(logits.dtype) * (grad_loss / ctx.denominator)  # 0 where the label is ignored
+        row_scale = torch.where(labelled, grad_loss / ctx.denominator, 0.0)  # 0 where the label is ignored
         rows = ctx.rows
         for start in range(0, logits.shape[0], rows):  # d loss / dz_j = (p_j - [j = target]) * row_scale
             end = start + rows
             logits[start:end].sub_(log_z[start:end, None]).exp_().mul_(row_scale[start:end, None])
-        logits.index_put_((torch.arange(logits.shape[0]), targets), -row_scale, accumulate=True)
+        every_row = torch.arange(logits.shape[0], device=logits.device)
+        logits.index_put_((every_row, targets), -row_scale, accumulate=True)
         return logits, None, None, None
 
 
 def causal_lm_loss(logits, labels, vocab_size: int, num_items_in_batch=None, ignore_index: int = -100,
                    shift_labels=None, **kwargs):
     """transformers' ``ForCausalLMLoss`` (same arguments, same loss), with :class:`CpuCrossEntropy` where the
-    logits are float32 on a CPU."""
+    logits are float32 on a CPU: their backward pass overwrites the logits with their gradient (its docstring)."""
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     if logits.device.type != "cpu" or logits.dtype != torch.float32:

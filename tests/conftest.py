@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -14,6 +15,9 @@ SHARED_DATA = REPO.parent / "shared" / "data" / "medicalgpt"
 sys.path.insert(0, str(REPO))
 # Saved --help parsers (medllm/cli_cache.py) of this session's runs go to a temporary folder, not ~/.cache.
 os.environ.setdefault("MEDLLM_CACHE_DIR", tempfile.mkdtemp(prefix="medllm-test-cache-"))
+# A shell starts background jobs with Ctrl-C (SIGINT) ignored, and children inherit that. The tests that press Ctrl-C
+# in a stage need it to arrive as from a terminal: the run catches it, so the stages it starts get the default.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

@@ -127,12 +127,32 @@ def test_cpu_cross_entropy_equals_transformers_loss(monkeypatch, reduction):
     for loss_function in (ForCausalLMLoss, logprobs.causal_lm_loss):
         hidden.grad = head.grad = None
         loss = loss_function(hidden @ head.t(), labels, 50, **kwargs)
-        loss.backward()
+        (loss * 3.7).backward()  # a loss gradient other than 1, as under gradient accumulation
         results.append((loss.item(), hidden.grad.clone(), head.grad.clone()))
+    assert type(loss.grad_fn).__name__ == "CpuCrossEntropyBackward"  # the CPU loss ran, not transformers'
     (stock, stock_hidden, stock_head), (fast, fast_hidden, fast_head) = results
     assert fast == pytest.approx(stock, rel=1e-6)
-    assert torch.allclose(fast_hidden, stock_hidden, atol=1e-7) and torch.allclose(fast_head, stock_head, atol=1e-7)
+    assert torch.allclose(fast_hidden, stock_hidden, atol=1e-6) and torch.allclose(fast_head, stock_head, atol=1e-6)
     assert stock_hidden[0, :4].abs().sum() == 0 and fast_hidden[1, 29:].abs().sum() == 0  # ignored: no gradient
+
+
+def test_cpu_cross_entropy_edge_cases():
+    """No label at all gives zero gradients (as transformers' loss does), and a caller's own leaf logits are
+    not overwritten by the backward pass."""
+    import torch
+
+    from medllm.logprobs import causal_lm_loss
+
+    logits = torch.randn(1, 6, 10, requires_grad=True)
+    before = logits.detach().clone()
+    loss = causal_lm_loss(logits, torch.full((1, 6), -100), 10)
+    loss.backward()
+    assert type(loss.grad_fn).__name__ == "CpuCrossEntropyBackward"
+    assert logits.grad.abs().sum() == 0 and torch.equal(logits.detach(), before)
+    labels = torch.randint(0, 10, (1, 6))
+    loss = causal_lm_loss(logits, labels, 10)
+    loss.backward()
+    assert torch.equal(logits.detach(), before) and logits.grad.abs().sum() > 0
 
 
 def test_cpu_cross_entropy_is_the_models_loss_on_a_cpu(tiny_model_dir):
@@ -156,6 +176,7 @@ def test_cpu_cross_entropy_is_the_models_loss_on_a_cpu(tiny_model_dir):
         peft_model.zero_grad()
         loss = peft_model(input_ids=input_ids, labels=input_ids).loss
         loss.backward()
+        assert (type(loss.grad_fn).__name__ == "CpuCrossEntropyBackward") == install
         results.append((loss.item(), [p.grad.clone() for p in peft_model.parameters() if p.requires_grad]))
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(results[0][1], results[1][1]))
