@@ -206,9 +206,17 @@ def test_interactive_chat_ends_cleanly_on_ctrl_d_and_ctrl_c(tiny_model_dir, key)
     pexpect, child = _spawn_chat(tiny_model_dir)
     if key == "ctrl-d":
         child.sendeof()
+        child.expect(pexpect.EOF)
     else:
-        child.sendintr()
-    child.expect(pexpect.EOF)
+        # CPython acts on a Ctrl-C when it interrupts the terminal read: one that lands between the prompt being
+        # written and the read starting waits for the next key (seen once under a loaded CI run), so press it again,
+        # as a user would.
+        for _ in range(3):
+            child.sendintr()
+            if child.expect([pexpect.EOF, pexpect.TIMEOUT], timeout=15) == 0:
+                break
+        else:
+            pytest.fail(f"Ctrl-C pressed 3 times did not end the chat: {child.before[-300:]!r}")
     child.close()
     assert child.exitstatus == 0 and "Traceback" not in child.before
 
