@@ -42,37 +42,27 @@ class Comparison(NamedTuple):
     switch: Callable  # switch(trainer, variant name): make the trainer's model run that variant
 
 
-def causal_lm(trainer):
-    return trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
-
-
 def switch_attention(trainer, variant: str) -> None:
-    causal_lm(trainer).set_attn_implementation("sdpa_varlen" if variant == "shared prompt" else "sdpa")
+    from medllm.modeling import unwrap_peft
+
+    unwrap_peft(trainer.model).set_attn_implementation("sdpa_varlen" if variant == "shared prompt" else "sdpa")
 
 
 def switch_loss(trainer, variant: str) -> None:
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     from medllm.logprobs import causal_lm_loss
+    from medllm.modeling import unwrap_peft
 
-    causal_lm(trainer).loss_function = causal_lm_loss if variant == "cpu loss" else ForCausalLMLoss
+    unwrap_peft(trainer.model).loss_function = causal_lm_loss if variant == "cpu loss" else ForCausalLMLoss
 
 
 def switch_dropout(trainer, variant: str) -> None:
     import torch
 
-    from medllm.dropout import CpuDropout
+    from medllm.dropout import CpuDropout, use_cpu_dropout
 
-    kind = CpuDropout if variant == "CpuDropout" else torch.nn.Dropout
-    switched = 0
-    for module in trainer.model.modules():
-        dropouts = getattr(module, "lora_dropout", None)
-        if isinstance(dropouts, torch.nn.ModuleDict):
-            for name, dropout in dropouts.items():
-                if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
-                    dropouts[name] = kind(dropout.p, inplace=dropout.inplace).train(dropout.training)
-                    switched += 1
-    if not switched:
+    if not use_cpu_dropout(trainer.model, CpuDropout if variant == "CpuDropout" else torch.nn.Dropout):
         raise SystemExit("paired.py dropout: this run has no LoRA dropout to switch (LoRA with --lora_dropout > 0).")
 
 

@@ -241,12 +241,13 @@ def build_trainer(model, tokenizer, training_args, rows: dict, padding_free: Opt
     there is a label, when the model's forward takes ``logits_to_keep``.
     """
     from medllm.logprobs import use_fast_cpu_loss
+    from medllm.modeling import unwrap_peft
 
     training_args.remove_unused_columns = False  # the collator picks its inputs; 'length' feeds --group_by_length
     training_args.prediction_loss_only = True  # evaluation needs the loss, not every logit of the eval set
     if training_args.do_train and "train" not in rows:
         raise MedLLMError("--do_train needs training data (--train_file_dir).")
-    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hf_model = unwrap_peft(model)
     attention = hf_model.config._attn_implementation
     if padding_free is None:
         padding_free = attention in ("sdpa", VARLEN_ATTENTION)

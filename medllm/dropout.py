@@ -34,18 +34,17 @@ class CpuDropout(torch.nn.Dropout):
         return torch.where(keep, inputs, 0.0).mul_(2 ** RANDOM_BITS / (2 ** RANDOM_BITS - threshold))
 
 
-def use_cpu_dropout(model) -> int:
-    """Replace the ``nn.Dropout`` of every LoRA layer in ``model`` by a :class:`CpuDropout` of the same ``p``;
-    returns how many were replaced."""
-    replaced = 0
+def use_cpu_dropout(model, kind: type = CpuDropout) -> int:
+    """Make the dropout of every LoRA layer in ``model`` a ``kind`` of the same ``p`` (a :class:`CpuDropout`;
+    ``nn.Dropout`` switches back); returns how many LoRA dropouts are of that kind now."""
+    count = 0
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
         if not isinstance(dropouts, torch.nn.ModuleDict):
             continue
         for name, dropout in dropouts.items():
-            if type(dropout) is torch.nn.Dropout:
-                fast = CpuDropout(dropout.p, inplace=dropout.inplace)
-                fast.train(dropout.training)
-                dropouts[name] = fast
-                replaced += 1
-    return replaced
+            if type(dropout) in (torch.nn.Dropout, CpuDropout):
+                if type(dropout) is not kind:
+                    dropouts[name] = kind(dropout.p, inplace=dropout.inplace).train(dropout.training)
+                count += 1
+    return count

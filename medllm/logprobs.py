@@ -224,7 +224,9 @@ def use_fast_cpu_loss(model) -> bool:
     transformers' stock ``ForCausalLMLoss``; returns whether it did (models with their own loss keep it)."""
     from transformers.loss.loss_utils import ForCausalLMLoss
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from medllm.modeling import unwrap_peft
+
+    base = unwrap_peft(model)
     if getattr(base, "loss_function", None) is not ForCausalLMLoss:
         return False
     base.loss_function = causal_lm_loss

@@ -201,6 +201,11 @@ def lora_target_modules(model, target_modules: str) -> list[str] | str:
     return sorted(names)
 
 
+def unwrap_peft(model):
+    """The transformers model inside a peft model, or ``model`` itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def build_peft_model(model, lora_args, training_args=None):
     """Wrap ``model`` with a new LoRA adapter (or continue ``--peft_path``); returns the peft model."""
     from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training

@@ -36,6 +36,7 @@ from trl import DPOConfig, DPOTrainer
 from medllm.arguments import DataArguments, flag_given
 from medllm.errors import MedLLMError
 from medllm.logprobs import log_probs_only, use_fast_cpu_head
+from medllm.modeling import unwrap_peft
 from medllm.training import (NonFiniteLossGuard, ParameterCountOnce, cached_map, default_callbacks, fingerprint,
                              peak_memory_mb, tokenizer_fingerprint)
 
@@ -216,8 +217,7 @@ class DPOTrainerWithGuard(NonFiniteLossGuard, ParameterCountOnce, DPOTrainer):
         if model.training:
             mask = inputs["attention_mask"]
             real = int(mask.sum())
-            causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-            if getattr(causal_lm.base_model, "medllm_shares_prefixes", False):  # shared prompts computed once
+            if getattr(unwrap_peft(self.model).base_model, "medllm_shares_prefixes", False):  # shared prompts computed once
                 computed = real - sum(common_prefix_lengths(inputs["input_ids"], mask))
             else:
                 computed = mask.numel()
@@ -434,7 +434,7 @@ def build_dpo_trainer(model, ref_model, tokenizer, training_args, datasets, fres
 
     use_fast_cpu_head()
     switch_to_the_reference_cheaply()
-    for causal_lm in (model.get_base_model() if hasattr(model, "get_base_model") else model, ref_model):
+    for causal_lm in (unwrap_peft(model), ref_model):
         attention = None if causal_lm is None else causal_lm.config._attn_implementation
         if attention is None or not (padding_free or (padding_free is None and attention == "sdpa")):
             continue
