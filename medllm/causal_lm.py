@@ -241,7 +241,7 @@ def build_trainer(model, tokenizer, training_args, rows: dict, padding_free: Opt
     there is a label, when the model's forward takes ``logits_to_keep``.
     """
     from medllm.logprobs import use_fast_cpu_loss
-    from medllm.modeling import unwrap_peft
+    from medllm.modeling import compile_decoder_layers, unwrap_peft
 
     training_args.remove_unused_columns = False  # the collator picks its inputs; 'length' feeds --group_by_length
     training_args.prediction_loss_only = True  # evaluation needs the loss, not every logit of the eval set
@@ -259,6 +259,7 @@ def build_trainer(model, tokenizer, training_args, rows: dict, padding_free: Opt
         logger.warning("--padding_free needs --attn_implementation sdpa; with %s batches are padded.", attention)
     select_logits = "logits_to_keep" in inspect.signature(hf_model.forward).parameters
     use_fast_cpu_loss(hf_model)  # the same loss, without three logits-sized tensors a step on a CPU
+    compile_decoder_layers([model], training_args)
     collator = CausalLMCollator(pad_token_id=tokenizer.pad_token_id, attn_implementation=attention,
                                 mask_dtype=getattr(model, "dtype", None), select_logits=select_logits)
     logger.info("Batches: %s; output head on %s.",

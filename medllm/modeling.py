@@ -206,6 +206,33 @@ def unwrap_peft(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def compile_decoder_layers(models, training_args) -> int:
+    """``--torch_compile``: compile each decoder layer of ``models`` in place, with dynamic shapes; returns how many.
+
+    The Trainer would compile the whole model, which is traced again at every batch here (rows change length, and
+    the padding-free attention plan is worked out in Python between the layers): 10 s a ``tiny`` DPO step on a CPU.
+    Compiled layers share their graphs (a few: training and reference passes, before and after the attention, which
+    stays eager), made in a run's first steps. The Trainer's own compile is then switched off. Models without
+    ``_no_split_modules`` are left to the Trainer.
+    """
+    if not training_args.torch_compile:
+        return 0
+    compiled = 0
+    for core in (unwrap_peft(model) for model in models if model is not None):
+        layer_classes = set(getattr(core, "_no_split_modules", None) or ())
+        for module in core.modules():
+            if type(module).__name__ in layer_classes:
+                module.compile(backend=training_args.torch_compile_backend, mode=training_args.torch_compile_mode,
+                               dynamic=True)
+                compiled += 1
+    if compiled:
+        logger.info("--torch_compile: %d decoder layers compiled (%s backend), each in place with dynamic shapes; "
+                    "the first steps compile them.", compiled, training_args.torch_compile_backend)
+        training_args.torch_compile = False
+        training_args.torch_compile_backend = training_args.torch_compile_mode = None
+    return compiled
+
+
 def build_peft_model(model, lora_args, training_args=None):
     """Wrap ``model`` with a new LoRA adapter (or continue ``--peft_path``); returns the peft model."""
     from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training

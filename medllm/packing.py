@@ -38,6 +38,7 @@ def register_varlen_attention() -> None:
     DPO's rejected replies see their prompt. Inputs with neither (generation, evaluation outside the trainer)
     get plain sdpa with its usual mask. The name never reaches a saved config.json.
     """
+    import torch
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -59,7 +60,9 @@ def register_varlen_attention() -> None:
         # block-diagonal mask transformers would derive from the restarting position ids is skipped.
         return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
-    AttentionInterface.register(VARLEN_ATTENTION, sdpa_varlen_forward)
+    # Under --torch_compile the layers around it are compiled, not this: the plan is worked out in Python per batch
+    # and would make the compiler trace (and recompile) the layer again for every new arrangement of documents.
+    AttentionInterface.register(VARLEN_ATTENTION, torch.compiler.disable(sdpa_varlen_forward))
     AttentionMaskInterface.register(VARLEN_ATTENTION, varlen_mask)
 
 

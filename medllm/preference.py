@@ -36,7 +36,7 @@ from trl import DPOConfig, DPOTrainer
 from medllm.arguments import DataArguments, flag_given
 from medllm.errors import MedLLMError
 from medllm.logprobs import log_probs_only, use_fast_cpu_head
-from medllm.modeling import unwrap_peft
+from medllm.modeling import compile_decoder_layers, unwrap_peft
 from medllm.training import (NonFiniteLossGuard, ParameterCountOnce, cached_map, default_callbacks, fingerprint,
                              peak_memory_mb, tokenizer_fingerprint)
 
@@ -444,6 +444,7 @@ def build_dpo_trainer(model, ref_model, tokenizer, training_args, datasets, fres
         register_varlen_attention()
         causal_lm.set_attn_implementation(VARLEN_ATTENTION)
         share_common_prefixes(causal_lm)
+    compile_decoder_layers([model, ref_model], training_args)
     trainer = DPOTrainerWithGuard(
         model=model,
         ref_model=ref_model,

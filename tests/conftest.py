@@ -45,3 +45,23 @@ def run_script(*args: str, env: dict | None = None, timeout: int = 600):
                 "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, *args], cwd=REPO, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def count_compiled_graphs(monkeypatch, stage_module) -> list[int]:
+    """A list that gets the number of graphs dynamo has compiled so far at the end of every optimizer step of the
+    trainers ``stage_module`` (medllm.causal_lm or medllm.preference) builds; dynamo starts afresh."""
+    import torch
+    from torch._dynamo.utils import counters
+    from transformers import TrainerCallback
+
+    graphs_per_step: list[int] = []
+
+    class CountGraphs(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            graphs_per_step.append(counters["stats"]["unique_graphs"])
+
+    callbacks = stage_module.default_callbacks
+    monkeypatch.setattr(stage_module, "default_callbacks", lambda: [*callbacks(), CountGraphs()])
+    torch._dynamo.reset()
+    counters.clear()
+    return graphs_per_step

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_script
+from conftest import REPO, count_compiled_graphs, run_script
 
 LN2 = math.log(2)
 SAMPLE_PAIRS = str(REPO / "data" / "reward")
@@ -402,6 +402,31 @@ def test_padding_free_dpo_trains_as_the_padded_one(tmp_path, tiny_model_dir):
     assert runs["False"][0] == pytest.approx(runs["True"][0], abs=1e-4)
     assert runs["False"][1]["train_pad_fraction"] > 0.05 and runs["True"][1]["train_pad_fraction"] == 0
     assert runs["True"][1]["train_computed_per_real_token"] < 0.8  # each sample prompt computed once
+
+
+def test_torch_compile_compiles_each_layer_once_and_trains_as_eager(tmp_path, tiny_model_dir, monkeypatch, caplog):
+    """--torch_compile (dynamo's "eager" backend: the tracing without a C++ toolchain) compiles the decoder layers in
+    place, with their shared-prompt attention left out: the number of graphs stops growing after the first steps
+    (the whole model compiled by the Trainer was traced again at every batch), and the losses are eager's."""
+    import torch
+
+    import medllm.preference
+
+    common = ["--model_name_or_path", tiny_model_dir, "--template_name", "glm4", "--train_file_dir", SAMPLE_PAIRS,
+              "--max_train_samples", "24", "--do_train", "--per_device_train_batch_size", "4", "--max_steps", "5",
+              "--learning_rate", "3e-3", "--logging_steps", "1", "--cache_dir", str(tmp_path / "cache")]
+    train([*common, "--output_dir", str(tmp_path / "eager")])
+    graphs_per_step = count_compiled_graphs(monkeypatch, medllm.preference)
+    with caplog.at_level("INFO", logger="medllm.modeling"):
+        train([*common, "--output_dir", str(tmp_path / "compiled"), "--torch_compile", "True",
+               "--torch_compile_backend", "eager"])
+    torch._dynamo.reset()
+    assert "--torch_compile: 2 decoder layers compiled" in caplog.text  # the micro model's two layers
+    assert len(graphs_per_step) == 5 and graphs_per_step[0] > 0, graphs_per_step
+    assert graphs_per_step[-1] == graphs_per_step[1], graphs_per_step
+    losses = {run: [entry["loss"] for entry in log_history(tmp_path / run) if "loss" in entry]
+              for run in ("eager", "compiled")}
+    assert len(losses["compiled"]) == 5 and losses["compiled"] == pytest.approx(losses["eager"], abs=1e-5)
 
 
 def test_command_line_of_the_issue_runs_as_written(tmp_path, tiny_model_dir):
