@@ -217,7 +217,7 @@ class DPOTrainerWithGuard(NonFiniteLossGuard, ParameterCountOnce, DPOTrainer):
         if model.training:
             mask = inputs["attention_mask"]
             real = int(mask.sum())
-            if getattr(unwrap_peft(self.model).base_model, "medllm_shares_prefixes", False):  # shared prompts computed once
+            if getattr(unwrap_peft(self.model).base_model, "medllm_shares_prefixes", False):  # prompts computed once
                 computed = real - sum(common_prefix_lengths(inputs["input_ids"], mask))
             else:
                 computed = mask.numel()

@@ -47,21 +47,27 @@ def run_script(*args: str, env: dict | None = None, timeout: int = 600):
                           timeout=timeout)
 
 
-def count_compiled_graphs(monkeypatch, stage_module) -> list[int]:
-    """A list that gets the number of graphs dynamo has compiled so far at the end of every optimizer step of the
-    trainers ``stage_module`` (medllm.causal_lm or medllm.preference) builds; dynamo starts afresh."""
+@pytest.fixture
+def count_compiled_graphs(monkeypatch):
+    """``count_compiled_graphs(stage_module)`` (medllm.causal_lm or medllm.preference): a list that gets the number
+    of graphs dynamo has compiled so far at the end of every optimizer step of the trainers that module builds from
+    then on. Dynamo starts afresh, and is reset again after the test."""
     import torch
     from torch._dynamo.utils import counters
     from transformers import TrainerCallback
 
-    graphs_per_step: list[int] = []
+    def start(stage_module) -> list[int]:
+        graphs_per_step: list[int] = []
 
-    class CountGraphs(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            graphs_per_step.append(counters["stats"]["unique_graphs"])
+        class CountGraphs(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                graphs_per_step.append(counters["stats"]["unique_graphs"])
 
-    callbacks = stage_module.default_callbacks
-    monkeypatch.setattr(stage_module, "default_callbacks", lambda: [*callbacks(), CountGraphs()])
+        callbacks = stage_module.default_callbacks
+        monkeypatch.setattr(stage_module, "default_callbacks", lambda: [*callbacks(), CountGraphs()])
+        torch._dynamo.reset()
+        counters.clear()
+        return graphs_per_step
+
+    yield start
     torch._dynamo.reset()
-    counters.clear()
-    return graphs_per_step

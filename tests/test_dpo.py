@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, count_compiled_graphs, run_script
+from conftest import REPO, run_script
 
 LN2 = math.log(2)
 SAMPLE_PAIRS = str(REPO / "data" / "reward")
@@ -390,10 +390,15 @@ def test_trls_fused_head_runs_the_cpu_head_only_where_it_applies():
         torch.testing.assert_close(alone[0], full[0])
 
 
+def three_steps(model_dir: str, tmp_path: Path, samples: int = 12) -> list[str]:
+    """Flags of a 3-step LoRA run on the sample pairs that logs every step's loss."""
+    return ["--model_name_or_path", model_dir, "--template_name", "glm4", "--train_file_dir", SAMPLE_PAIRS,
+            "--max_train_samples", str(samples), "--do_train", "--per_device_train_batch_size", "4", "--max_steps", "3",
+            "--learning_rate", "3e-3", "--logging_steps", "1", "--cache_dir", str(tmp_path / "cache")]
+
+
 def test_padding_free_dpo_trains_as_the_padded_one(tmp_path, tiny_model_dir):
-    common = ["--model_name_or_path", tiny_model_dir, "--template_name", "glm4", "--train_file_dir", SAMPLE_PAIRS,
-              "--max_train_samples", "12", "--do_train", "--per_device_train_batch_size", "4", "--max_steps", "3",
-              "--learning_rate", "3e-3", "--logging_steps", "1", "--cache_dir", str(tmp_path / "cache")]
+    common = three_steps(tiny_model_dir, tmp_path)
     runs = {}
     for padding_free in ("False", "True"):
         metrics = train([*common, "--padding_free", padding_free, "--output_dir", str(tmp_path / padding_free)])
@@ -404,23 +409,19 @@ def test_padding_free_dpo_trains_as_the_padded_one(tmp_path, tiny_model_dir):
     assert runs["True"][1]["train_computed_per_real_token"] < 0.8  # each sample prompt computed once
 
 
-def test_torch_compile_compiles_each_layer_once_and_trains_as_eager(tmp_path, tiny_model_dir, monkeypatch, caplog):
+def test_torch_compile_compiles_each_layer_once_and_trains_as_eager(tmp_path, tiny_model_dir, caplog,
+                                                                    count_compiled_graphs):
     """--torch_compile (dynamo's "eager" backend: the tracing without a C++ toolchain) compiles the decoder layers in
     place, with their shared-prompt attention left out: the number of graphs stops growing after the first steps
     (the whole model compiled by the Trainer was traced again at every batch), and the losses are eager's."""
-    import torch
-
     import medllm.preference
 
-    common = ["--model_name_or_path", tiny_model_dir, "--template_name", "glm4", "--train_file_dir", SAMPLE_PAIRS,
-              "--max_train_samples", "24", "--do_train", "--per_device_train_batch_size", "4", "--max_steps", "3",
-              "--learning_rate", "3e-3", "--logging_steps", "1", "--cache_dir", str(tmp_path / "cache")]
+    common = three_steps(tiny_model_dir, tmp_path, samples=24)
     train([*common, "--output_dir", str(tmp_path / "eager")])
-    graphs_per_step = count_compiled_graphs(monkeypatch, medllm.preference)
+    graphs_per_step = count_compiled_graphs(medllm.preference)
     with caplog.at_level("INFO", logger="medllm.modeling"):
         train([*common, "--output_dir", str(tmp_path / "compiled"), "--torch_compile", "True",
                "--torch_compile_backend", "eager"])
-    torch._dynamo.reset()
     assert "--torch_compile: 2 decoder layers compiled" in caplog.text  # the micro model's two layers
     assert len(graphs_per_step) == 3 and graphs_per_step[0] > 0, graphs_per_step
     assert graphs_per_step[-1] == graphs_per_step[1], graphs_per_step

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, count_compiled_graphs, run_script
+from conftest import REPO, run_script
 
 PT_FLAGS = [  # the MedicalGPT-style flag list of run_pt.sh, shrunk to test size
     "--model_type", "auto", "--train_file_dir", "data/pretrain", "--validation_file_dir", "data/pretrain",
@@ -273,26 +273,21 @@ def test_torchrun_two_processes_on_cpu(tiny_model_dir, tmp_path):
     assert 0.9 * fed <= json.loads((output / "train_results.json").read_text())["train_real_tokens"] <= fed
 
 
-def test_torch_compile_compiles_each_layer_once_and_trains_as_eager(tiny_model_dir, tmp_path, monkeypatch):
+def test_torch_compile_compiles_each_layer_once_and_trains_as_eager(tiny_model_dir, tmp_path, count_compiled_graphs):
     """--torch_compile on packed rows of more than 512 tokens (dynamo's "eager" backend, no C++ toolchain needed):
     the per-document attention stays out of the compiled layers, so a new arrangement of documents compiles
     nothing new after the first steps, and the losses are eager's."""
-    import torch
-
     import medllm.causal_lm
-
-    monkeypatch.syspath_prepend(str(REPO))
     import pretraining
 
     common = ["--model_name_or_path", tiny_model_dir, "--train_file_dir", str(REPO / "data" / "pretrain"),
-              "--do_train", "--per_device_train_batch_size", "4", "--block_size", "256", "--packing", "True", "--max_steps", "3",
-              "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "True",
-              "--cache_dir", str(tmp_path / "cache")]
+              "--do_train", "--per_device_train_batch_size", "4", "--block_size", "256", "--packing", "True",
+              "--max_steps", "3", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
+              "--disable_tqdm", "True", "--cache_dir", str(tmp_path / "cache")]
     pretraining.main([*common, "--output_dir", str(tmp_path / "eager")])
-    graphs_per_step = count_compiled_graphs(monkeypatch, medllm.causal_lm)
+    graphs_per_step = count_compiled_graphs(medllm.causal_lm)
     pretraining.main([*common, "--output_dir", str(tmp_path / "compiled"), "--torch_compile", "True",
                       "--torch_compile_backend", "eager"])
-    torch._dynamo.reset()
     assert len(graphs_per_step) == 3 and graphs_per_step[0] > 0, graphs_per_step
     assert graphs_per_step[-1] == graphs_per_step[1], graphs_per_step  # after the recompile for dynamic shapes
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), abs=1e-5)
